@@ -1,0 +1,35 @@
+//! # cllm
+//!
+//! Train small GPT-2-style byte-level language models on the CPU with many worker threads
+//! ("spheres"), bit-for-bit deterministic at any thread count, with the concurrency protocol
+//! model-checked by loom and shuttle.
+//!
+//! Module map:
+//! - [`config`]: model shapes and presets (`tiny`, `small`, `seed`).
+//! - [`model`]: the math, no threads: flat parameter buffer with named views, per-layer
+//!   forward/backward pairs, per-worker activations, initialisation, safetensors weights.
+//! - [`optim`]: AdamW. [`grad`]: gradient scan (NaN/Inf + norm in one pass), clip, scale.
+//! - [`sync`]: the synchronization backend the protocol code is generic over (std; loom and
+//!   shuttle behind features).
+//! - [`train`]: persistent workers, the step barrier, the four strategies, the training loop.
+//! - [`data`]: text and SQuAD input, train/validation split, seeded batch sampling.
+//! - [`checkpoint`]: atomic checkpoints with exact resume.
+//! - [`generate`]: sampling text from a model.
+//! - [`bench`]: the scaling matrix and its report.
+//! - [`cli`]: the `cllm` command line.
+
+pub mod error;
+pub mod config;
+pub mod model;
+pub mod optim;
+pub mod grad;
+pub mod sync;
+pub mod train;
+pub mod data;
+pub mod checkpoint;
+pub mod generate;
+pub mod bench;
+pub mod cli;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};

@@ -1,0 +1,190 @@
+//! The one place matrix products happen. Every GEMM in the model goes through [`gemm`], which
+//! takes arbitrary row/column strides so transposed operands are views, never copies.
+//!
+//! Backend: the `gemm` crate, single-threaded (`Parallelism::None`): parallelism comes from the
+//! trainer's workers, and a single-threaded product is a pure function of its inputs, which is
+//! what makes training bit-identical at every thread count. `matrixmultiply` is kept behind
+//! [`Backend::MatrixMultiply`] so `benches/model.rs` can measure both in the same run.
+
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `[rows, cols]` view.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major `[rows, cols]` buffer, as a `[cols, rows]` view.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: 1, cs: cols }
+    }
+    /// A strided view.
+    pub fn strided(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+}
+
+/// Which GEMM implementation to call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The `gemm` crate (default: faster on the model's shapes, see `benches/model.rs`).
+    Gemm,
+    /// The `matrixmultiply` crate.
+    MatrixMultiply,
+}
+
+/// The backend used by the model.
+pub const DEFAULT_BACKEND: Backend = Backend::Gemm;
+
+fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let last = (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last < len, "gemm: {what} view [{rows}x{cols}] rs={rs} cs={cs} overruns its buffer of {len}");
+}
+
+/// `c[m,n] = a[m,k] · b[k,n]` (or `c += a·b` when `accumulate`), with `c` row stride `c_rs`.
+pub fn gemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    gemm_with(DEFAULT_BACKEND, m, n, k, c, c_rs, a, b, accumulate)
+}
+
+/// [`gemm`] with an explicit backend.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    check_bounds("c", c.len(), m, n, c_rs, 1);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    check_bounds("a", a.data.len(), m, k, a.rs, a.cs);
+    check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+    match backend {
+        // SAFETY: check_bounds proved that every element the product reads through `a` and
+        // `b` and writes through `c` lies inside the respective slice; `c` is a unique borrow,
+        // so it cannot alias `a` or `b`. Strides fit in isize because the slices' lengths do.
+        Backend::Gemm => unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                c_rs as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        },
+        // SAFETY: as above: all accessed elements are in bounds (check_bounds) and `c` does
+        // not alias the inputs.
+        Backend::MatrixMultiply => unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.data.as_ptr(),
+                a.rs as isize,
+                a.cs as isize,
+                b.data.as_ptr(),
+                b.rs as isize,
+                b.cs as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                c.as_mut_ptr(),
+                c_rs as isize,
+                1,
+            )
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn filled(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn both_backends_match_naive_product_for_all_transpose_combinations() {
+        let (m, n, k) = (7, 5, 9);
+        let a_rm = filled(m * k, 1);
+        let a_cm = filled(m * k, 2);
+        let b_rm = filled(k * n, 3);
+        let b_cm = filled(k * n, 4);
+        for backend in [Backend::Gemm, Backend::MatrixMultiply] {
+            for a in [Mat::rows(&a_rm, k), Mat::transposed(&a_cm, m)] {
+                for b in [Mat::rows(&b_rm, n), Mat::transposed(&b_cm, k)] {
+                    let want = naive(m, n, k, a, b);
+                    let mut c = vec![1.0f32; m * n];
+                    gemm_with(backend, m, n, k, &mut c, n, a, b, false);
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-5, "{backend:?}: {x} vs {y}");
+                    }
+                    let mut c2 = vec![1.0f32; m * n];
+                    gemm_with(backend, m, n, k, &mut c2, n, a, b, true);
+                    for (x, y) in c2.iter().zip(&want) {
+                        assert!((x - (y + 1.0)).abs() < 1e-5, "{backend:?} accumulate");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn out_of_bounds_view_is_rejected() {
+        let a = vec![0.0f32; 6];
+        let b = vec![0.0f32; 6];
+        let mut c = vec![0.0f32; 4];
+        gemm(2, 2, 4, &mut c, 2, Mat::rows(&a, 4), Mat::rows(&b, 2), false);
+    }
+}
