@@ -29,17 +29,37 @@ impl<'a> Mat<'a> {
     }
 }
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 /// Which GEMM implementation to call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Backend {
-    /// The `gemm` crate (default: faster on the model's shapes, see `benches/model.rs`).
+    /// The `gemm` crate.
     Gemm,
-    /// The `matrixmultiply` crate.
+    /// The `matrixmultiply` crate (default: on par or faster on the model's shapes here, see `benches/model.rs`).
     MatrixMultiply,
 }
 
-/// The backend used by the model.
-pub const DEFAULT_BACKEND: Backend = Backend::Gemm;
+/// The backend the model uses unless [`set_backend`] says otherwise.
+pub const DEFAULT_BACKEND: Backend = Backend::MatrixMultiply;
+
+static BACKEND: AtomicU8 = AtomicU8::new(DEFAULT_BACKEND as u8);
+
+/// Chooses the GEMM crate for every later product in this process (for benchmarks that
+/// compare the two on the whole model).
+pub fn set_backend(backend: Backend) {
+    BACKEND.store(backend as u8, Ordering::Relaxed);
+}
+
+/// The GEMM crate in use.
+pub fn backend() -> Backend {
+    if BACKEND.load(Ordering::Relaxed) == Backend::Gemm as u8 {
+        Backend::Gemm
+    } else {
+        Backend::MatrixMultiply
+    }
+}
 
 fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
     if rows == 0 || cols == 0 {
@@ -50,12 +70,15 @@ fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs:
 }
 
 /// `c[m,n] = a[m,k] · b[k,n]` (or `c += a·b` when `accumulate`), with `c` row stride `c_rs`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn gemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool) {
-    gemm_with(DEFAULT_BACKEND, m, n, k, c, c_rs, a, b, accumulate)
+    gemm_with(backend(), m, n, k, c, c_rs, a, b, accumulate)
 }
 
 /// [`gemm`] with an explicit backend.
 #[allow(clippy::too_many_arguments)]
+#[inline]
 pub fn gemm_with(
     backend: Backend,
     m: usize,

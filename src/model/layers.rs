@@ -201,7 +201,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
                 }
                 let mut sum = 0.0f32;
                 for s in &mut row[..=i] {
-                    let e = ((*s - mx) * scale).exp();
+                    let e = fast_exp((*s - mx) * scale);
                     *s = e;
                     sum += e;
                 }
@@ -270,34 +270,60 @@ pub fn attention_backward(
 // ---------------------------------------------------------------------------------------
 
 const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
+const GELU_C: f32 = 0.044715;
+
+/// e^x for f32, branch-free so loops over it vectorize: range reduction to
+/// x = k·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial for e^r (relative error < 2e-7,
+/// about one f32 ulp), and 2^k built in the exponent bits. Inputs are clamped to
+/// [-87, 88], where e^x stays a normal f32.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a branch.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * LOG2E + ROUND) - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// GELU written as x·σ(2u), u = √(2/π)(x + 0.044715x³), which equals the tanh form
+/// 0.5·x·(1 + tanh u) exactly but needs one exp and no cancellation near 0.
+#[inline(always)]
+fn gelu_sigmoid(x: f32) -> f32 {
+    let u = GELU_K * (x + GELU_C * x * x * x);
+    1.0 / (1.0 + fast_exp(-2.0 * u))
+}
 
 /// out = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
 pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
     for (o, &x) in out.iter_mut().zip(inp) {
-        let u = GELU_K * (x + 0.044715 * x * x * x);
-        *o = 0.5 * x * (1.0 + u.tanh());
+        *o = x * gelu_sigmoid(x);
     }
+}
+
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    // d/dx [x·s] with s = σ(2u): s + 2x·s(1−s)·u'(x)
+    let s = gelu_sigmoid(x);
+    s + 2.0 * x * s * (1.0 - s) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 }
 
 /// dinp (overwrites) = gelu'(inp) · dout
 pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
-        let u = GELU_K * (x + 0.044715 * x * x * x);
-        let th = u.tanh();
-        let sech2 = 1.0 - th * th;
-        let grad = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
-        *di = grad * d;
+        *di = gelu_grad(x) * d;
     }
 }
 
 /// In place: d[·] = gelu'(inp) · d
 pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
     for (di, &x) in d.iter_mut().zip(inp) {
-        let u = GELU_K * (x + 0.044715 * x * x * x);
-        let th = u.tanh();
-        let sech2 = 1.0 - th * th;
-        let grad = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_K * (1.0 + 3.0 * 0.044715 * x * x);
-        *di *= grad;
+        *di *= gelu_grad(x);
     }
 }
 
@@ -320,7 +346,7 @@ pub fn softmax_crossentropy_forward(probs: &mut [f32], losses: &mut [f32], targe
         let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for x in row.iter_mut() {
-            let e = (*x - mx).exp();
+            let e = fast_exp(*x - mx);
             *x = e;
             sum += e;
         }
@@ -342,7 +368,7 @@ pub fn softmax_forward(probs: &mut [f32], n: usize, v: usize) {
         let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0f32;
         for x in row.iter_mut() {
-            let e = (*x - mx).exp();
+            let e = fast_exp(*x - mx);
             *x = e;
             sum += e;
         }
@@ -361,5 +387,46 @@ pub fn crossentropy_softmax_backward(dlogits: &mut [f32], targets: &[u32], n: us
             *x *= scale;
         }
         row[targets[r] as usize] -= scale;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_std_exp() {
+        let mut worst = 0.0f64;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let want = (x as f64).exp();
+            let got = fast_exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn fast_exp_saturates_instead_of_overflowing() {
+        assert!(fast_exp(-1000.0) >= 0.0 && fast_exp(-1000.0) < 1e-37);
+        assert!(fast_exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula_and_its_derivative() {
+        let reference = |x: f64| 0.5 * x * (1.0 + (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh());
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let mut out = [0.0f32];
+            gelu_forward(&mut out, &[x]);
+            assert!((out[0] as f64 - reference(x as f64)).abs() < 2e-6 * (1.0 + x.abs() as f64), "gelu({x})");
+            let h = 1e-4;
+            let numeric = (reference(x as f64 + h) - reference(x as f64 - h)) / (2.0 * h);
+            let mut d = [1.0f32];
+            gelu_backward_inplace(&mut d, &[x]);
+            assert!((d[0] as f64 - numeric).abs() < 1e-5, "gelu'({x}): {} vs {numeric}", d[0]);
+            x += 0.01;
+        }
     }
 }
