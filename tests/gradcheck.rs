@@ -114,7 +114,8 @@ fn backward_is_bit_identical_across_repeated_calls() {
     let cfg = c.model.config;
     let mut acts = Activations::new(&cfg, c.b, c.t);
     let mut g1 = vec![0.0f32; c.model.params.len()];
-    let mut g2 = vec![1.0f32; c.model.params.len()];
+    // Garbage in the buffer must not leak into the result: backward overwrites.
+    let mut g2 = vec![f32::NAN; c.model.params.len()];
     loss_at(&c, &mut acts, &c.model.params);
     backward(&cfg, &c.model.params, &mut acts, &mut g1);
     let mut acts2 = Activations::new(&cfg, c.b, c.t);

@@ -180,6 +180,11 @@ pub fn forward_with_layout(
     }
 }
 
+/// Tensors whose gradient a GEMM writes in full during backward.
+fn is_gemm_written(name: &str) -> bool {
+    name == "wte.weight" || (name.starts_with("h.") && name.ends_with(".weight") && !name.contains(".ln_"))
+}
+
 /// Overwrites `grads` with d(mean loss)/d(params) for the last [`forward`] call (which must
 /// have had targets). A pure function of (params, inputs, targets): the same bits whichever
 /// thread runs it.
@@ -196,7 +201,14 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
     let n = b * t;
     assert!(acts.has_targets, "backward needs a forward pass with targets");
     assert_eq!(grads.len(), layout.num_params(), "gradient buffer has the wrong length");
-    grads.fill(0.0);
+    // Linear weights are written (not accumulated) by their GEMM, and the tied `wte` first by
+    // the output head's GEMM; only the small accumulated tensors need zeroing, which saves a
+    // write of the whole buffer per micro-batch.
+    for spec in &layout.tensors {
+        if !is_gemm_written(&spec.name) {
+            grads[spec.range()].fill(0.0);
+        }
+    }
 
     let targets = &acts.targets[..n];
     crossentropy_softmax_backward(&mut acts.probs[..n * v], targets, n, v, 1.0 / n as f32);
@@ -213,7 +225,7 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
         c,
         Mat::transposed(dlogits, v),
         Mat::rows(&acts.lnf[..n * c], c),
-        true,
+        false,
     );
 
     let d_res = &mut acts.d_res[..n * c];

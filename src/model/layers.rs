@@ -1,7 +1,6 @@
 //! Forward/backward pairs for each layer of the transformer. Shapes are given above each
-//! function; N = B·T rows. Backward functions ACCUMULATE into parameter gradients (a
-//! parameter may be used more than once, e.g. the tied `wte`) and into input gradients unless
-//! the comment says "overwrites".
+//! function; N = B·T rows. Backward functions ACCUMULATE into gradients unless the comment
+//! says "overwrites".
 
 use super::gemm::{gemm, Mat};
 
@@ -145,7 +144,8 @@ pub fn linear_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: &[f32], n: 
 }
 
 /// dinp[N,IC] (overwrites, or accumulates when `accumulate_dinp`) = dout · wᵀ;
-/// dw[IC,OC] += inpᵀ · dout; dbias[OC] += Σ_rows dout.
+/// dw[IC,OC] = inpᵀ · dout (overwrites: each weight is used once per pass, and writing
+/// instead of accumulating spares zeroing the whole gradient buffer); dbias[OC] += Σ_rows dout.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dinp: &mut [f32],
@@ -160,7 +160,7 @@ pub fn linear_backward(
     accumulate_dinp: bool,
 ) {
     gemm(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), accumulate_dinp);
-    gemm(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), true);
+    gemm(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), false);
     bias_backward(dbias, dout, n, oc);
 }
 
