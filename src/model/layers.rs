@@ -195,10 +195,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
             gemm(t, t, hd, p, t, q, kt, false);
             for i in 0..t {
                 let row = &mut p[i * t..][..t];
-                let mut mx = f32::NEG_INFINITY;
-                for &s in &row[..=i] {
-                    mx = mx.max(s);
-                }
+                let mx = row_max(&row[..=i]);
                 let mut sum = 0.0f32;
                 for s in &mut row[..=i] {
                     let e = fast_exp((*s - mx) * scale);
@@ -281,14 +278,43 @@ pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer without a branch.
+    // Adding 1.5·2^23 rounds to the nearest integer and leaves that integer in the low
+    // mantissa bits, so no float-to-int conversion (which would not vectorize) is needed.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     p * scale
+}
+
+/// Defines `pub fn $name` that runs its body compiled for AVX2+FMA when the CPU has them
+/// (detected once at run time) and for the baseline target otherwise, so the elementwise
+/// loops vectorize 8-wide without building the whole binary for one CPU.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
+                    // `avx2`'s target_feature attribute requires.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 /// GELU written as x·σ(2u), u = √(2/π)(x + 0.044715x³), which equals the tanh form
@@ -299,10 +325,12 @@ fn gelu_sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-2.0 * u))
 }
 
-/// out = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
-pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-    for (o, &x) in out.iter_mut().zip(inp) {
-        *o = x * gelu_sigmoid(x);
+multiversion! {
+    /// out = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
+    pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+        for (o, &x) in out.iter_mut().zip(inp) {
+            *o = x * gelu_sigmoid(x);
+        }
     }
 }
 
@@ -313,18 +341,33 @@ fn gelu_grad(x: f32) -> f32 {
     s + 2.0 * x * s * (1.0 - s) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
 }
 
-/// dinp (overwrites) = gelu'(inp) · dout
-pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-    for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
-        *di = gelu_grad(x) * d;
+multiversion! {
+    /// dinp (overwrites) = gelu'(inp) · dout
+    pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
+            *di = gelu_grad(x) * d;
+        }
     }
 }
 
-/// In place: d[·] = gelu'(inp) · d
-pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
-    for (di, &x) in d.iter_mut().zip(inp) {
-        *di *= gelu_grad(x);
+multiversion! {
+    /// In place: d[·] = gelu'(inp) · d
+    pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
+        for (di, &x) in d.iter_mut().zip(inp) {
+            *di *= gelu_grad(x);
+        }
     }
+}
+
+/// The maximum of a row; a plain comparison (unlike `f32::max`'s NaN rules) lets the loop
+/// vectorize. A NaN logit makes the loss NaN either way, which the trainer's scan catches.
+#[inline]
+fn row_max(row: &[f32]) -> f32 {
+    let mut m = f32::NEG_INFINITY;
+    for &x in row {
+        m = if x > m { x } else { m };
+    }
+    m
 }
 
 /// out = a + b
@@ -343,7 +386,7 @@ pub fn softmax_crossentropy_forward(probs: &mut [f32], losses: &mut [f32], targe
     let mut total = 0.0f64;
     for r in 0..n {
         let row = &mut probs[r * v..][..v];
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mx = row_max(row);
         let mut sum = 0.0f32;
         for x in row.iter_mut() {
             let e = fast_exp(*x - mx);
@@ -365,7 +408,7 @@ pub fn softmax_crossentropy_forward(probs: &mut [f32], losses: &mut [f32], targe
 pub fn softmax_forward(probs: &mut [f32], n: usize, v: usize) {
     for r in 0..n {
         let row = &mut probs[r * v..][..v];
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mx = row_max(row);
         let mut sum = 0.0f32;
         for x in row.iter_mut() {
             let e = fast_exp(*x - mx);
