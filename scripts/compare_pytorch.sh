@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# cllm vs PyTorch eager, side by side in one run, on the same configs, batch and step counts.
+#
+#   scripts/compare_pytorch.sh [ROUNDS] [STEPS]     (defaults: 3 rounds, 10 timed steps)
+#
+# Installs PyTorch into .venv (a local virtual environment) if it is absent, builds cllm, then
+# for each round alternates cllm and PyTorch for every (config, threads) cell: small and seed,
+# 1 and 2 threads. Each run reports its median step time; the table takes the median over the
+# rounds, and expresses model FLOP/s as a fraction of the torch.mm GEMM peak measured in the
+# same runs. Writes results/vs_pytorch.md (and .json) and prints the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+STEPS=${2:-10}
+CONFIGS=${CONFIGS:-"small seed"}
+THREADS=${THREADS:-"1 2"}
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, numpy, safetensors" 2>/dev/null; then
+  echo "installing PyTorch into .venv (one time)..." >&2
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet torch numpy safetensors
+fi
+cargo build --release --quiet
+
+raw=$(mktemp)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp" "$raw"' EXIT
+for round in $(seq 1 "$ROUNDS"); do
+  for config in $CONFIGS; do
+    for threads in $THREADS; do
+      echo "round $round: $config, $threads thread(s)" >&2
+      ./target/release/cllm bench --config "$config" --threads "$threads" --strategies segmented \
+        --steps "$STEPS" --warmup 2 --out "$tmp/cllm" >/dev/null
+      python3 - "$tmp/cllm/scaling.json" "$round" >>"$raw" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r["cells"][0]
+print(json.dumps({"impl": "cllm", "round": int(sys.argv[2]), "config": r["config"]["name"] if isinstance(r["config"], dict) and "name" in r["config"] else r.get("config_name", ""),
+                  "threads": c["threads"], "median_step_ms": c["median_step_ms"], "tokens_per_s": c["tokens_per_s"]}))
+PY
+      .venv/bin/python scripts/pytorch_train.py --config "$config" --threads "$threads" --steps "$STEPS" \
+        | python3 -c "import json,sys; d=json.load(sys.stdin); d['round']=$round; print(json.dumps(d))" >>"$raw"
+      # the cllm line may lack the config name: patch it from the loop variables
+      python3 - "$raw" "$config" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+for l in lines:
+    if l["impl"] == "cllm" and not l.get("config"):
+        l["config"] = sys.argv[2]
+open(sys.argv[1], "w").write("".join(json.dumps(l) + "\n" for l in lines))
+PY
+    done
+  done
+done
+
+python3 - "$raw" <<'PY'
+import json, statistics, sys, platform, subprocess
+rows = [json.loads(l) for l in open(sys.argv[1])]
+FLOPS = {}
+def flops_per_token(cfg):
+    L, C, V, T = {"tiny": (2, 32, 256, 16), "small": (4, 128, 256, 128), "seed": (6, 256, 256, 128)}[cfg]
+    params = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    return 6 * params + 12 * L * T * C
+cells = {}
+for r in rows:
+    cells.setdefault((r["config"], r["threads"]), {}).setdefault(r["impl"], []).append(r)
+out = []
+out.append("| config | threads | cllm step ms | PyTorch step ms | cllm tokens/s | PyTorch tokens/s | cllm / PyTorch | cllm % of GEMM peak | PyTorch % of GEMM peak | GEMM peak GFLOP/s |")
+out.append("|---|---|---|---|---|---|---|---|---|---|")
+summary = []
+for (cfg, th), d in sorted(cells.items(), key=lambda x: ({"small": 0, "seed": 1}.get(x[0][0], 2), x[0][1])):
+    c_ms = statistics.median(r["median_step_ms"] for r in d["cllm"])
+    p_ms = statistics.median(r["median_step_ms"] for r in d["pytorch"])
+    peak = statistics.median(r["gemm_peak_gflops"] for r in d["pytorch"])
+    tokens = 8 * 128
+    c_tps, p_tps = tokens / c_ms * 1e3, tokens / p_ms * 1e3
+    fpt = flops_per_token(cfg)
+    c_gf, p_gf = fpt * c_tps / 1e9, fpt * p_tps / 1e9
+    ratio = c_tps / p_tps
+    out.append(f"| {cfg} | {th} | {c_ms:.1f} | {p_ms:.1f} | {c_tps:,.0f} | {p_tps:,.0f} | **{ratio:.2f}x** | {100*c_gf/peak:.0f}% | {100*p_gf/peak:.0f}% | {peak:.0f} |")
+    summary.append({"config": cfg, "threads": th, "cllm_step_ms": c_ms, "pytorch_step_ms": p_ms, "ratio": ratio,
+                    "cllm_peak_fraction": c_gf / peak, "pytorch_peak_fraction": p_gf / peak, "gemm_peak_gflops": peak,
+                    "rounds": len(d["cllm"])})
+torch_version = rows[0].get("torch", "?") if rows else "?"
+for r in rows:
+    if r["impl"] == "pytorch":
+        torch_version = r["torch"]
+        break
+try:
+    cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+except Exception:
+    cpu = platform.processor()
+head = [
+    "# cllm vs PyTorch eager (CPU, float32)",
+    "",
+    f"Machine: {cpu}; PyTorch {torch_version}. Batch 8, context 128, AdamW + clip 10, median step time of each run,",
+    f"then the median over {max(s['rounds'] for s in summary)} alternating rounds. GEMM peak: torch.mm 2048x2048 at the same thread count, same run.",
+    "Model FLOPs per token = 6*params + 12*layers*context*embed. Generated by scripts/compare_pytorch.sh.",
+    "",
+]
+text = "\n".join(head + out) + "\n"
+open("results/vs_pytorch.md", "w").write(text)
+json.dump({"cells": summary, "raw": rows}, open("results/vs_pytorch.json", "w"), indent=1)
+print(text)
+PY
