@@ -61,9 +61,10 @@ pub fn serialize_safetensors(model: &Model) -> Result<Vec<u8>> {
             .map_err(|e| err!("cannot serialize tensor {}: {e}", spec.name))?;
         views.push((spec.name.clone(), view));
     }
+    // One metadata key only: safetensors writes a HashMap in iteration order, which varies
+    // between processes, and the same weights must give the same bytes.
     let mut meta = HashMap::new();
     meta.insert(CONFIG_KEY.to_string(), serde_json::to_string(&model.config)?);
-    meta.insert("format".to_string(), "pt".to_string());
     safetensors::tensor::serialize(views, &Some(meta)).map_err(|e| err!("cannot serialize model: {e}"))
 }
 
