@@ -12,6 +12,8 @@ use criterion::{black_box, criterion_group, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
 
 const SQUARE: usize = 1024;
+const BACKENDS: [(&str, Backend); 3] =
+    [("cllm-kernel", Backend::Native), ("gemm", Backend::Gemm), ("matrixmultiply", Backend::MatrixMultiply)];
 
 fn fill(len: usize) -> Vec<f32> {
     (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
@@ -66,7 +68,7 @@ fn bench_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm_square_1024");
     g.throughput(Throughput::Elements((2 * SQUARE * SQUARE * SQUARE) as u64));
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    for (name, backend) in [("gemm", Backend::Gemm), ("matrixmultiply", Backend::MatrixMultiply)] {
+    for (name, backend) in BACKENDS {
         g.bench_function(name, |bch| bch.iter(|| square_gemm(backend, &a, &b, &mut out)));
     }
     g.finish();
@@ -79,7 +81,7 @@ fn bench_gemm(c: &mut Criterion) {
         let (a, b) = (fill(m * k), fill(k * n));
         let mut out = vec![0.0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        for (name, backend) in [("gemm", Backend::Gemm), ("matrixmultiply", Backend::MatrixMultiply)] {
+        for (name, backend) in BACKENDS {
             g.bench_with_input(BenchmarkId::new(name, format!("{m}x{n}x{k}")), &(), |bch, _| {
                 bch.iter(|| gemm_with(backend, m, n, k, &mut out, n, Mat::rows(&a, k), Mat::rows(&b, n), false))
             });
@@ -120,7 +122,7 @@ fn summary() {
     let flops = 2.0 * (SQUARE as f64).powi(3);
     let mut peak = 0.0f64;
     println!("\n== summary (1 thread) ==");
-    for (name, backend) in [("gemm", Backend::Gemm), ("matrixmultiply", Backend::MatrixMultiply)] {
+    for (name, backend) in BACKENDS {
         let s = median_secs(7, || square_gemm(backend, &a, &b, &mut out));
         let gf = flops / s / 1e9;
         println!("{name:>15} {SQUARE}^3: {gf:7.1} GFLOP/s");

@@ -58,7 +58,7 @@ impl ModelConfig {
         if self.vocab == 0 || self.layers == 0 || self.heads == 0 || self.embed == 0 || self.context == 0 {
             return Err(format!("model config has a zero dimension: {self:?}"));
         }
-        if self.embed % self.heads != 0 {
+        if !self.embed.is_multiple_of(self.heads) {
             return Err(format!("model config: heads ({}) must divide embed ({})", self.heads, self.embed));
         }
         Ok(())

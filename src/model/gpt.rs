@@ -6,7 +6,7 @@ use super::params::ParamLayout;
 use crate::config::ModelConfig;
 use std::ops::Range;
 
-fn view<'a>(buf: &'a [f32], off: usize, len: usize) -> &'a [f32] {
+fn view(buf: &[f32], off: usize, len: usize) -> &[f32] {
     &buf[off..off + len]
 }
 

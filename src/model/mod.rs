@@ -4,6 +4,7 @@ pub mod activations;
 pub mod gemm;
 pub mod gpt;
 pub mod init;
+pub mod kernel;
 pub mod layers;
 pub mod params;
 pub mod weights;

@@ -1,0 +1,884 @@
+//! A single-threaded f32 GEMM tuned for the model's shapes (M = 128 rows per sequence, K and N
+//! in 32..=1024), with the option to pack a constant B operand (a weight) once and reuse the
+//! packed panels across many products.
+//!
+//! Design (BLIS-style):
+//! - Microkernel: a 6x16 tile of C held in twelve 256-bit accumulators; every k step loads
+//!   16 packed B values (two vectors) and broadcasts 6 A values, 12 FMAs. Edge rows use the same
+//!   kernel instantiated for 1..=5 rows; edge columns run on zero-padded B panels and store
+//!   only the valid columns.
+//! - B is packed into panels of [`NR`] = 16 columns: panel `j` holds `B[p, 16j..16j+16]` for
+//!   `p` in `0..k`, contiguous, zero-padded past `n`. Any K block of a panel is contiguous,
+//!   so one packing serves every K blocking. [`PackedB`] keeps such a packing for reuse.
+//! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`), so a
+//!   product with a prepacked B copies nothing at all; other strides are packed per tile.
+//!   [`sgemm`] packs A into 6-row panels when that pays off (many column panels).
+//! - Loops: K blocks of at most [`KC`] (the 16 x KC B micro-panel stays in L1), then M blocks
+//!   of at most [`MC`] rows (the A block stays in L2), then column panels, then row tiles.
+//!
+//! Determinism: every element of C is the sum over K blocks, in order, of a sequential
+//! per-block dot product, with the blocking a function of (m, n, k) only; no threads. The
+//! same inputs therefore give the same bits on every call. The AVX2 path (fused multiply-add)
+//! and the portable path (separate multiply and add) round differently from each other, but
+//! the path is fixed per machine.
+
+use crate::model::gemm::Mat;
+use std::cell::RefCell;
+
+/// Rows of the C tile computed by one microkernel call.
+pub const MR: usize = 6;
+/// Columns of the C tile computed by one microkernel call (the packed B panel width).
+pub const NR: usize = 16;
+/// Largest K block: the 16 x KC packed B micro-panel is 16 KiB, half of L1.
+pub const KC: usize = 256;
+/// Largest M block: an MC x KC block of A (144 KiB) stays in L2.
+pub const MC: usize = 144;
+
+fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let last = (rows - 1)
+        .checked_mul(rs)
+        .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)))
+        .unwrap_or(usize::MAX);
+    assert!(last < len, "kernel: {what} view [{rows}x{cols}] rs={rs} cs={cs} overruns its buffer of {len}");
+}
+
+/// Whether the AVX2+FMA microkernel can run on this CPU (checked once, then cached by std).
+#[inline]
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A vector of f32 whose usable part starts on a 64-byte boundary (so packed B vectors never
+/// straddle cache lines). Grows, never shrinks.
+#[derive(Default)]
+struct AlignedBuf {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Makes `len` usable elements available (contents unspecified) and returns them.
+    fn resize(&mut self, len: usize) -> &mut [f32] {
+        if self.buf.len() < len + 16 {
+            self.buf = vec![0.0; len + 16];
+        }
+        let addr = self.buf.as_ptr() as usize;
+        self.off = ((64 - addr % 64) % 64) / 4;
+        self.len = len;
+        &mut self.buf[self.off..self.off + len]
+    }
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// Packs the `k x n` view `b` into `dst` (length `panels(n) * k * NR`) as 16-column panels.
+fn pack_b_into(dst: &mut [f32], k: usize, n: usize, b: Mat) {
+    debug_assert_eq!(dst.len(), n.div_ceil(NR) * k * NR);
+    for (jp, panel) in dst.chunks_exact_mut((k * NR).max(1)).enumerate().take(n.div_ceil(NR)) {
+        let j0 = jp * NR;
+        let nr = NR.min(n - j0);
+        if nr < NR {
+            panel.fill(0.0);
+        }
+        if b.cs == 1 {
+            // Row-major B: each k step is a contiguous run of nr values.
+            for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                let s = p * b.rs + j0;
+                if nr == NR {
+                    // Fixed length: compiles to two vector moves instead of a memcpy call.
+                    let src: &[f32; NR] = b.data[s..s + NR].try_into().unwrap();
+                    row.copy_from_slice(src);
+                } else {
+                    row[..nr].copy_from_slice(&b.data[s..s + nr]);
+                }
+            }
+        } else if b.rs == 1 {
+            // Column-major B (a transposed row-major weight): each column is contiguous. Go
+            // through K in blocks of 32 so the destination block stays in L1.
+            for (pb, block) in panel.chunks_mut(32 * NR).enumerate() {
+                let p0 = pb * 32;
+                let kb = block.len() / NR;
+                for j in 0..nr {
+                    let s = (j0 + j) * b.cs + p0;
+                    for (row, &v) in block.chunks_exact_mut(NR).zip(&b.data[s..s + kb]) {
+                        row[j] = v;
+                    }
+                }
+            }
+        } else {
+            for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                for (j, x) in row[..nr].iter_mut().enumerate() {
+                    *x = b.data[p * b.rs + (j0 + j) * b.cs];
+                }
+            }
+        }
+    }
+}
+
+/// A B operand (`k x n`) packed once into 16-column panels, for reuse across products.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    buf: AlignedBuf,
+}
+
+impl PackedB {
+    /// Packs the `k x n` view `b` (row-major weights `[k, n]`, or a transposed view of a
+    /// row-major `[n, k]` weight, or any strided view).
+    pub fn pack(k: usize, n: usize, b: Mat) -> PackedB {
+        let mut p = PackedB { k, n, buf: AlignedBuf::default() };
+        p.repack(b);
+        p
+    }
+
+    /// Packs new values of the same shape into the existing allocation.
+    pub fn repack(&mut self, b: Mat) {
+        let (k, n) = (self.k, self.n);
+        check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+        let dst = self.buf.resize(n.div_ceil(NR) * k * NR);
+        pack_b_into(dst, k, n, b);
+    }
+
+    /// Rows of the packed operand (the product's K).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the packed operand (the product's N).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// The blocking of an `m x k` A: (number of K blocks, K block size, M block size). K blocks are
+/// balanced (at most [`KC`]); M blocks are balanced and rounded up to a multiple of [`MR`].
+fn blocking(m: usize, k: usize) -> (usize, usize, usize) {
+    let nkb = k.div_ceil(KC);
+    let nmb = m.div_ceil(MC);
+    (nkb, k.div_ceil(nkb), m.div_ceil(nmb).div_ceil(MR) * MR)
+}
+
+/// The row tiles of an M block of `mc` rows starting at `i_blk`: tiles of [`MR`] rows, except
+/// that a remainder of 1 or 2 rows is merged with the last full tile and split 4 + 3 or 4 + 4
+/// (a 1- or 2-row tile is FMA-latency-bound: it would cost two thirds of a full tile).
+fn row_tiles(i_blk: usize, mc: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
+    let (full, r) = (mc / MR, mc % MR);
+    let (nfull, tail) = if (r == 1 || r == 2) && full > 0 { (full - 1, [4, MR + r - 4]) } else { (full, [r, 0]) };
+    let t0 = i_blk + nfull * MR;
+    (0..nfull)
+        .map(move |t| (i_blk + t * MR, MR))
+        .chain([(t0, tail[0]), (t0 + tail[0], tail[1])].into_iter().filter(|&(_, mr)| mr > 0))
+}
+
+/// Where the tile loop reads B: the 16 columns of panel `jp` at K index `p` are
+/// `data[jp*ps + p*ks ..][..16]`. Packed panels have `ks = NR`, `ps = k*NR`.
+#[derive(Clone, Copy)]
+struct BSrc<'a> {
+    data: &'a [f32],
+    ks: usize,
+    ps: usize,
+}
+
+/// How the tile loop reads A.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ALayout {
+    /// `cs == 1`: each row is contiguous; read in place.
+    Rows,
+    /// `rs == 1`: each column is contiguous (includes packed 6-row panels); read in place.
+    Cols,
+    /// Anything else: each tile's A is packed into a stack buffer first.
+    Strided,
+}
+
+/// The shared blocked loop nest. `bp` holds `n.div_ceil(NR)` packed panels of `k * NR` each.
+/// `a_base` is the offset of A(0, 0) in `a.data`.
+///
+/// The caller has bounds-checked C (`m x n`, row stride `c_rs`) and A (`m x k` in `a`), and
+/// `bp` has the packed length; `k > 0`, `m > 0`, `n > 0`.
+#[allow(clippy::too_many_arguments)]
+fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: BSrc, accumulate: bool, simd: bool) {
+    let layout = if a.cs == 1 {
+        ALayout::Rows
+    } else if a.rs == 1 {
+        ALayout::Cols
+    } else {
+        ALayout::Strided
+    };
+    let (nkb, kc_full, mc_full) = blocking(m, k);
+    let npanels = n.div_ceil(NR);
+    let mut stack = [0.0f32; MR * KC];
+    for kb in 0..nkb {
+        let p0 = kb * kc_full;
+        let kc = kc_full.min(k - p0);
+        let add = accumulate || kb > 0;
+        for i_blk in (0..m).step_by(mc_full) {
+            let mc = mc_full.min(m - i_blk);
+            for jp in 0..npanels {
+                let j0 = jp * NR;
+                let nr = NR.min(n - j0);
+                let b_off = jp * b.ps + p0 * b.ks;
+                let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
+                for (i0, mr) in row_tiles(i_blk, mc) {
+                    let c_off = i0 * c_rs + j0;
+                    let c_len = (mr - 1) * c_rs + nr;
+                    let c_tile = &mut c[c_off..c_off + c_len];
+                    let a_off = i0 * a.rs + p0 * a.cs;
+                    let (a_tile, rs, cs) = match layout {
+                        ALayout::Rows | ALayout::Cols => (&a.data[a_off..], a.rs, a.cs),
+                        ALayout::Strided => {
+                            for (p, col) in stack.chunks_exact_mut(MR).take(kc).enumerate() {
+                                for (i, x) in col[..mr].iter_mut().enumerate() {
+                                    *x = a.data[a_off + i * a.rs + p * a.cs];
+                                }
+                            }
+                            (&stack[..], 1, MR)
+                        }
+                    };
+                    tile(mr, nr, kc, a_tile, rs, cs, b_tile, b.ks, c_tile, c_rs, add, simd);
+                }
+            }
+        }
+    }
+}
+
+/// One `mr x nr` tile (mr <= MR, nr <= NR): `c (+)= a[mr, kc] · b_tile[kc, 16]`, columns past
+/// `nr` discarded. `a` starts at A(i0, p0) with strides `rs`, `cs`, one of which is 1.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn tile(
+    mr: usize,
+    nr: usize,
+    kc: usize,
+    a: &[f32],
+    rs: usize,
+    cs: usize,
+    b: &[f32],
+    b_ks: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    add: bool,
+    simd: bool,
+) {
+    // The bounds every kernel below relies on; cheap next to the tile's 2 * mr * 16 * kc flops.
+    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr) && kc >= 1);
+    assert!((mr - 1) * rs + (kc - 1) * cs < a.len(), "kernel: A tile out of bounds");
+    assert!(b_ks >= NR && b.len() >= (kc - 1) * b_ks + NR, "kernel: B tile out of bounds");
+    assert!((mr - 1) * c_rs + nr <= c.len(), "kernel: C tile out of bounds");
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when `simd_available()` returned true (checked by the
+        // public entry points), so AVX2 and FMA are present. The asserts above prove every
+        // A element (i < mr, p < kc at i*rs + p*cs), every B element (p < kc: 16 at p*b_ks), every C
+        // element (i < mr, j < nr at i*c_rs + j) the kernel touches lies inside its slice.
+        unsafe {
+            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            match (mr, cs == 1) {
+                (6, true) => avx2::kernel::<6, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (5, true) => avx2::kernel::<5, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (4, true) => avx2::kernel::<4, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (3, true) => avx2::kernel::<3, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (2, true) => avx2::kernel::<2, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (1, true) => avx2::kernel::<1, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (6, false) => avx2::kernel::<6, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (5, false) => avx2::kernel::<5, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (4, false) => avx2::kernel::<4, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (3, false) => avx2::kernel::<3, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (2, false) => avx2::kernel::<2, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                _ => avx2::kernel::<1, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    portable_tile(mr, nr, kc, a, rs, cs, b, b_ks, c, c_rs, add);
+}
+
+/// The portable microkernel: same blocking and summation order as the SIMD one, with separate
+/// multiply and add.
+#[allow(clippy::too_many_arguments)]
+fn portable_tile(
+    mr: usize,
+    nr: usize,
+    kc: usize,
+    a: &[f32],
+    rs: usize,
+    cs: usize,
+    b: &[f32],
+    b_ks: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    add: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        let brow = &b[p * b_ks..p * b_ks + NR];
+        for (i, acc_row) in acc.iter_mut().enumerate().take(mr) {
+            let av = a[i * rs + p * cs];
+            for (x, &bv) in acc_row.iter_mut().zip(brow) {
+                *x += av * bv;
+            }
+        }
+    }
+    for (i, acc_row) in acc.iter().enumerate().take(mr) {
+        let crow = &mut c[i * c_rs..i * c_rs + nr];
+        if add {
+            for (x, &v) in crow.iter_mut().zip(acc_row) {
+                *x += v;
+            }
+        } else {
+            crow.copy_from_slice(&acc_row[..nr]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::NR;
+    use core::arch::x86_64::*;
+
+    /// `C[M x nr] (+)= A[M x kc] · B[kc x 16]` (columns past `nr` dropped).
+    ///
+    /// A(i, p) is at `a + i*rs + p*cs`; `ROWS` says `cs == 1` (else `rs == 1`), which only
+    /// picks the addressing, the values read are the same.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available. For `i < M`, `p < kc`: `a + i*rs + p*cs` is readable;
+    /// for `p < kc`: `b + p*b_ks .. + 16` is readable; for `i < M`, `j < nr <= 16`: `c + i*c_rs + j` is
+    /// writable and aliases neither input.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel<const M: usize, const ROWS: bool>(
+        kc: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        b_ks: usize,
+        c: *mut f32,
+        c_rs: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        // Start pulling this tile's C rows in now; they are needed after the K loop. A
+        // prefetch never faults, and `wrapping_add` keeps the address computation defined even
+        // where `nr < 16` puts the second one past the tile.
+        for i in 0..M {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * c_rs) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * c_rs + NR - 1) as *const i8);
+        }
+        // SAFETY (for the whole body): every dereference below is of A(i, p) with i < M, p < kc,
+        // of B row p < kc (16 values at `b + p*b_ks`), or of C(i, j) with i < M, j < nr: the
+        // ranges the caller guarantees. Pointer bumps use `wrapping_add`, since the pointer
+        // after the last K step may lie past its slice; it is never dereferenced there.
+        let mut acc0 = [_mm256_setzero_ps(); M];
+        let mut acc1 = [_mm256_setzero_ps(); M];
+        // Row pointers for the row-major case; for the column case, one pointer walks down K.
+        let mut arow = [a; M];
+        for (i, r) in arow.iter_mut().enumerate() {
+            *r = a.wrapping_add(i * rs);
+        }
+        let mut acol = a;
+        let mut bp = b;
+        macro_rules! step {
+            ($p:expr) => {{
+                let b0 = load8(bp.add($p * b_ks));
+                let b1 = load8(bp.add($p * b_ks + 8));
+                for i in 0..M {
+                    let av = if ROWS {
+                        _mm256_broadcast_ss(&*arow[i].add($p))
+                    } else {
+                        _mm256_broadcast_ss(&*acol.add($p * cs + i))
+                    };
+                    acc0[i] = _mm256_fmadd_ps(av, b0, acc0[i]);
+                    acc1[i] = _mm256_fmadd_ps(av, b1, acc1[i]);
+                }
+            }};
+        }
+        let mut left = kc;
+        while left >= 4 {
+            step!(0);
+            step!(1);
+            step!(2);
+            step!(3);
+            bp = bp.wrapping_add(4 * b_ks);
+            if ROWS {
+                for r in arow.iter_mut() {
+                    *r = r.wrapping_add(4);
+                }
+            } else {
+                acol = acol.wrapping_add(4 * cs);
+            }
+            left -= 4;
+        }
+        while left > 0 {
+            step!(0);
+            bp = bp.wrapping_add(b_ks);
+            if ROWS {
+                for r in arow.iter_mut() {
+                    *r = r.wrapping_add(1);
+                }
+            } else {
+                acol = acol.wrapping_add(cs);
+            }
+            left -= 1;
+        }
+        if nr == NR {
+            for i in 0..M {
+                let cr = c.add(i * c_rs);
+                let (mut v0, mut v1) = (acc0[i], acc1[i]);
+                if add {
+                    v0 = _mm256_add_ps(_mm256_loadu_ps(cr), v0);
+                    v1 = _mm256_add_ps(_mm256_loadu_ps(cr.add(8)), v1);
+                }
+                _mm256_storeu_ps(cr, v0);
+                _mm256_storeu_ps(cr.add(8), v1);
+            }
+        } else {
+            let mut tmp = [0.0f32; NR];
+            for i in 0..M {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc0[i]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc1[i]);
+                let cr = c.add(i * c_rs);
+                for (j, &v) in tmp.iter().enumerate().take(nr) {
+                    let x = cr.add(j);
+                    *x = if add { *x + v } else { v };
+                }
+            }
+        }
+    }
+
+    /// An unaligned-tolerant load (packed panels are 64-byte aligned when they come from
+    /// [`super::AlignedBuf`], but correctness must not depend on it).
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable f32 at `p`; `loadu` has no alignment need.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for [`sgemm`]: packed B panels, then packed A panels.
+    static SCRATCH: RefCell<(AlignedBuf, AlignedBuf)> = RefCell::new((AlignedBuf::default(), AlignedBuf::default()));
+}
+
+/// Checks C, handles the degenerate shapes; returns false when there is nothing left to do.
+fn prologue(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: &Mat, accumulate: bool) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    check_bounds("c", c.len(), m, n, c_rs, 1);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].fill(0.0);
+            }
+        }
+        return false;
+    }
+    check_bounds("a", a.data.len(), m, k, a.rs, a.cs);
+    true
+}
+
+/// `C[m, n] = A[m, k] · B` (or `C += A·B` when `accumulate`), B prepacked (`k = b.k()`,
+/// `n = b.n()`), C row-major with row stride `c_rs`. Allocates nothing.
+pub fn gemm_packed(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
+    gemm_packed_with(m, c, c_rs, a, b, accumulate, simd_available());
+}
+
+fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool, simd: bool) {
+    let (n, k) = (b.n, b.k);
+    if prologue(m, n, k, c, c_rs, &a, accumulate) {
+        blocked(m, n, k, c, c_rs, a, BSrc { data: b.buf.as_slice(), ks: NR, ps: k * NR }, accumulate, simd);
+    }
+}
+
+/// `C[m, n] = A[m, k] · B[k, n]` (or `C += A·B` when `accumulate`), C row-major with row
+/// stride `c_rs`. Packs B (and A when worthwhile) into a per-thread scratch buffer that is
+/// reused, so after the first calls of a given size this allocates nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    sgemm_with(m, n, k, c, c_rs, a, b, accumulate, simd_available());
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool, simd: bool) {
+    if !prologue(m, n, k, c, c_rs, &a, accumulate) {
+        return;
+    }
+    check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (bbuf, abuf) = &mut *s;
+        let bp = bbuf.resize(n.div_ceil(NR) * k * NR);
+        pack_b_into(bp, k, n, b);
+        // B is always packed: read in place, its rows' power-of-two strides would map a
+        // micro-panel onto a few L1 sets.
+        let bsrc = BSrc { data: bbuf.as_slice(), ks: NR, ps: k * NR };
+        // A is read in place when it fits one M block (row-major) or two (column-major: the
+        // transposed activations of dW = X^T·dY); beyond that its strided rows thrash L2, so it
+        // is packed into 6-row panels. Other strides are packed when many column panels reuse
+        // them (else `blocked` packs tile by tile on the stack).
+        let pack_a = if a.cs == 1 {
+            m > MC
+        } else if a.rs == 1 {
+            m > 2 * MC
+        } else {
+            n.div_ceil(NR) > 2
+        };
+        if pack_a {
+            let panels = m.div_ceil(MR);
+            let ap = abuf.resize(panels * k * MR);
+            pack_a_into(ap, m, k, a, blocking(m, k).2);
+            blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, accumulate, simd);
+        } else {
+            blocked(m, n, k, c, c_rs, a, bsrc, accumulate, simd);
+        }
+    });
+}
+
+/// Packs `a` (`m x k`) into panels of `k * MR`, one per row tile of [`row_tiles`] over the
+/// M blocks of `mc_full` rows: panel `q` holds that tile's rows of column `p` at
+/// `q*k*MR + p*MR ..`, contiguous (slots past the tile's height are never read).
+fn pack_a_into(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
+    let tiles = (0..m).step_by(mc_full).flat_map(|i_blk| row_tiles(i_blk, mc_full.min(m - i_blk)));
+    if a.rs == 1 {
+        // Column-major A (a transposed activation): each column is contiguous. Go through K
+        // in blocks of 8 columns, every tile per block, so reads stream and writes stay local.
+        for p0 in (0..k).step_by(8) {
+            let kb = 8.min(k - p0);
+            for (q, (i0, mr)) in tiles.clone().enumerate() {
+                let panel = &mut dst[q * k * MR + p0 * MR..q * k * MR + (p0 + kb) * MR];
+                for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
+                    let s = i0 + (p0 + p) * a.cs;
+                    if mr == MR {
+                        let src: &[f32; MR] = a.data[s..s + MR].try_into().unwrap();
+                        col.copy_from_slice(src);
+                    } else {
+                        col[..mr].copy_from_slice(&a.data[s..s + mr]);
+                    }
+                }
+            }
+        }
+    } else if a.cs == 1 {
+        for (q, (i0, mr)) in tiles.enumerate() {
+            let panel = &mut dst[q * k * MR..(q + 1) * k * MR];
+            for (pb, block) in panel.chunks_mut(64 * MR).enumerate() {
+                let p0 = pb * 64;
+                let kb = block.len() / MR;
+                for i in 0..mr {
+                    let s = (i0 + i) * a.rs + p0;
+                    for (col, &v) in block.chunks_exact_mut(MR).zip(&a.data[s..s + kb]) {
+                        col[i] = v;
+                    }
+                }
+            }
+        }
+    } else {
+        for (q, (i0, mr)) in tiles.enumerate() {
+            let panel = &mut dst[q * k * MR..(q + 1) * k * MR];
+            for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
+                for (i, x) in col[..mr].iter_mut().enumerate() {
+                    *x = a.data[(i0 + i) * a.rs + p * a.cs];
+                }
+            }
+        }
+    }
+}
+
+/// [`blocked`] with A already packed by [`pack_a_into`].
+#[allow(clippy::too_many_arguments)]
+fn blocked_packed_a(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    ap: &[f32],
+    b: BSrc,
+    accumulate: bool,
+    simd: bool,
+) {
+    let (nkb, kc_full, mc_full) = blocking(m, k);
+    let npanels = n.div_ceil(NR);
+    for kb in 0..nkb {
+        let p0 = kb * kc_full;
+        let kc = kc_full.min(k - p0);
+        let add = accumulate || kb > 0;
+        for i_blk in (0..m).step_by(mc_full) {
+            let mc = mc_full.min(m - i_blk);
+            for jp in 0..npanels {
+                let j0 = jp * NR;
+                let nr = NR.min(n - j0);
+                let b_off = jp * b.ps + p0 * b.ks;
+                let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
+                for (q, (i0, mr)) in row_tiles(i_blk, mc).enumerate() {
+                    let c_off = i0 * c_rs + j0;
+                    let c_len = (mr - 1) * c_rs + nr;
+                    let a_off = (i_blk / MR + q) * k * MR + p0 * MR;
+                    let a_tile = &ap[a_off..a_off + kc * MR];
+                    tile(mr, nr, kc, a_tile, 1, MR, b_tile, b.ks, &mut c[c_off..c_off + c_len], c_rs, add, simd);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift), values in [-1, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn vec(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.f32()).collect()
+        }
+    }
+
+    /// A `rows x cols` matrix stored row-major (`t = false`) or column-major (`t = true`) in a
+    /// buffer with padded leading dimension, returned with the view's strides.
+    fn make(rng: &mut Rng, rows: usize, cols: usize, t: bool, pad: usize) -> (Vec<f32>, usize, usize) {
+        if t {
+            let ld = rows + pad;
+            (rng.vec(ld * cols.max(1)), 1, ld)
+        } else {
+            let ld = cols + pad;
+            (rng.vec(ld * rows.max(1)), ld, 1)
+        }
+    }
+
+    /// `C (+)= A·B` in f64, then checked against `got` with a tolerance scaled by k.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Mat,
+        b: Mat,
+        c0: &[f32],
+        got: &[f32],
+        c_rs: usize,
+        acc: bool,
+        what: &str,
+    ) {
+        // Large products: check every 9th row (plus the last), all columns, so the f64
+        // reference stays cheap in debug builds; every row tile kind is still covered.
+        let step = if m * n * k > 1 << 22 { 9 } else { 1 };
+        for i in (0..m).filter(|&i| i % step == 0 || i >= m - 7) {
+            for j in 0..n {
+                let mut s = if acc { c0[i * c_rs + j] as f64 } else { 0.0 };
+                for p in 0..k {
+                    s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                }
+                let g = got[i * c_rs + j] as f64;
+                let tol = 1e-5 * (k as f64 + 1.0).sqrt() * 4.0 + 1e-6 * k as f64;
+                assert!((g - s).abs() <= tol, "{what} m={m} n={n} k={k} acc={acc} at ({i},{j}): {g} vs {s}");
+            }
+            // Padding between rows of C is untouched.
+            for j in n..c_rs.min(got.len() - i * c_rs) {
+                if i + 1 < m {
+                    assert_eq!(got[i * c_rs + j], c0[i * c_rs + j], "{what}: wrote C padding");
+                }
+            }
+        }
+    }
+
+    /// Runs every entry point on one shape, all transpose combinations, both accumulate modes,
+    /// padded C, and both the SIMD (when present) and portable paths.
+    fn exercise(rng: &mut Rng, m: usize, n: usize, k: usize) {
+        let paths: &[bool] = if simd_available() { &[true, false] } else { &[false] };
+        for &at in &[false, true] {
+            for &bt in &[false, true] {
+                let pad = rng.below(3);
+                let (ad, ars, acs) = make(rng, m, k, at, pad);
+                let bpad = rng.below(3);
+                let (bd, brs, bcs) = make(rng, k, n, bt, bpad);
+                let a = Mat::strided(&ad, ars, acs);
+                let b = Mat::strided(&bd, brs, bcs);
+                let c_rs = n + rng.below(4);
+                let c0 = rng.vec(m * c_rs);
+                let pb = PackedB::pack(k, n, b);
+                for &simd in paths {
+                    for &acc in &[false, true] {
+                        let mut c = c0.clone();
+                        sgemm_with(m, n, k, &mut c, c_rs, a, b, acc, simd);
+                        check(m, n, k, a, b, &c0, &c, c_rs, acc, &format!("sgemm simd={simd} at={at} bt={bt}"));
+                        let mut c2 = c0.clone();
+                        gemm_packed_with(m, &mut c2, c_rs, a, &pb, acc, simd);
+                        check(m, n, k, a, b, &c0, &c2, c_rs, acc, &format!("packed simd={simd} at={at} bt={bt}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_and_odd_shapes() {
+        let mut rng = Rng(0x9e3779b97f4a7c15);
+        for &(m, n, k) in
+            &[(1, 1, 1), (7, 13, 5), (2, 3, 1), (6, 16, 4), (5, 17, 3), (13, 31, 9), (8, 8, 8), (1, 40, 7)]
+        {
+            exercise(&mut rng, m, n, k);
+        }
+    }
+
+    #[test]
+    fn random_shapes() {
+        let mut rng = Rng(12345);
+        for _ in 0..40 {
+            let (m, n, k) = (1 + rng.below(40), 1 + rng.below(70), 1 + rng.below(300));
+            exercise(&mut rng, m, n, k);
+        }
+    }
+
+    #[test]
+    fn row_tiles_cover_every_row_once() {
+        for mc in 1..40 {
+            let tiles: Vec<_> = row_tiles(10, mc).collect();
+            let mut next = 10;
+            for &(i0, mr) in &tiles {
+                assert_eq!(i0, next);
+                assert!((1..=MR).contains(&mr));
+                next += mr;
+            }
+            assert_eq!(next, 10 + mc);
+            assert_eq!(tiles.len(), mc.div_ceil(MR));
+        }
+    }
+
+    /// The seed model's products, each in the layout the model uses, SIMD and portable paths,
+    /// accumulate off and on.
+    #[test]
+    fn model_shapes() {
+        let mut rng = Rng(777);
+        // (m, n, k, A transposed, B transposed)
+        let shapes = [
+            (128, 1024, 256, false, false),
+            (128, 256, 1024, false, false),
+            (128, 256, 256, false, true),
+            (256, 768, 128, true, false),
+            (1024, 256, 128, true, false),
+            (128, 128, 32, false, true),
+            (128, 32, 128, false, false),
+        ];
+        let paths: &[bool] = if simd_available() { &[true, false] } else { &[false] };
+        for &(m, n, k, at, bt) in &shapes {
+            let (ad, ars, acs) = make(&mut rng, m, k, at, 0);
+            let (bd, brs, bcs) = make(&mut rng, k, n, bt, 0);
+            let (a, b) = (Mat::strided(&ad, ars, acs), Mat::strided(&bd, brs, bcs));
+            let c0 = rng.vec(m * n);
+            let pb = PackedB::pack(k, n, b);
+            for &simd in paths {
+                // The portable path is slow in debug builds: one accumulating product per shape.
+                let accs: &[bool] = if simd { &[false, true] } else { &[true] };
+                for &acc in accs {
+                    let mut c = c0.clone();
+                    gemm_packed_with(m, &mut c, n, a, &pb, acc, simd);
+                    check(m, n, k, a, b, &c0, &c, n, acc, &format!("packed simd={simd}"));
+                    if !simd {
+                        continue;
+                    }
+                    let mut c2 = c0.clone();
+                    sgemm_with(m, n, k, &mut c2, n, a, b, acc, simd);
+                    check(m, n, k, a, b, &c0, &c2, n, acc, &format!("sgemm simd={simd}"));
+                }
+            }
+        }
+    }
+
+    /// Same inputs, same bits: repeated calls, and the prepacked and pack-per-call entry points
+    /// (same blocking, same summation order) agree exactly.
+    #[test]
+    fn deterministic_and_entry_points_agree() {
+        let mut rng = Rng(4242);
+        let (m, n, k) = (128, 272, 600);
+        let a = rng.vec(m * k);
+        let b = rng.vec(k * n);
+        let pb = PackedB::pack(k, n, Mat::rows(&b, n));
+        let mut first = vec![0.0f32; m * n];
+        gemm_packed(m, &mut first, n, Mat::rows(&a, k), &pb, false);
+        for _ in 0..3 {
+            let mut c = vec![1.0f32; m * n];
+            gemm_packed(m, &mut c, n, Mat::rows(&a, k), &pb, false);
+            assert!(c.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+            let mut c2 = vec![2.0f32; m * n];
+            sgemm(m, n, k, &mut c2, n, Mat::rows(&a, k), Mat::rows(&b, n), false);
+            assert!(c2.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
+    fn repack_reuses_and_updates() {
+        let mut rng = Rng(99);
+        let (m, n, k) = (9, 40, 33);
+        let a = rng.vec(m * k);
+        let w1 = rng.vec(n * k);
+        let w2 = rng.vec(n * k);
+        // A transposed weight view (rs = 1), as in dX = dY·W^T.
+        let mut pb = PackedB::pack(k, n, Mat::transposed(&w1, k));
+        assert_eq!((pb.k(), pb.n()), (k, n));
+        let ptr = pb.buf.buf.as_ptr();
+        pb.repack(Mat::transposed(&w2, k));
+        assert_eq!(ptr, pb.buf.buf.as_ptr(), "repack reallocated");
+        let mut c = vec![0.0f32; m * n];
+        gemm_packed(m, &mut c, n, Mat::rows(&a, k), &pb, false);
+        check(m, n, k, Mat::rows(&a, k), Mat::transposed(&w2, k), &c.clone(), &c, n, false, "repack");
+    }
+
+    #[test]
+    fn zero_k_clears_or_keeps_c() {
+        let mut c = vec![3.0f32; 6];
+        sgemm(2, 3, 0, &mut c, 3, Mat::rows(&[], 0), Mat::rows(&[], 3), true);
+        assert_eq!(c, vec![3.0; 6]);
+        sgemm(2, 3, 0, &mut c, 3, Mat::rows(&[], 0), Mat::rows(&[], 3), false);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn out_of_bounds_a_is_rejected() {
+        let (a, b) = (vec![0.0f32; 7], vec![0.0f32; 8]);
+        let mut c = vec![0.0f32; 4];
+        sgemm(2, 2, 4, &mut c, 2, Mat::rows(&a, 4), Mat::rows(&b, 2), false);
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn out_of_bounds_c_is_rejected() {
+        let (a, b) = (vec![0.0f32; 8], vec![0.0f32; 8]);
+        let pb = PackedB::pack(4, 2, Mat::rows(&b, 2));
+        let mut c = vec![0.0f32; 4];
+        gemm_packed(2, &mut c, 3, Mat::rows(&a, 4), &pb, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "overruns")]
+    fn out_of_bounds_packed_b_is_rejected() {
+        let b = vec![0.0f32; 10];
+        let _ = PackedB::pack(4, 3, Mat::transposed(&b, 4));
+    }
+}
