@@ -1,0 +1,149 @@
+//! `cllm profile`: a flamegraph of training steps, sampled with pprof.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use super::{batches, check_threads, parse_strategy, resolve_config, trainer_options, LR};
+use crate::error::Result;
+use crate::model::Model;
+use crate::train::{Strategy, Trainer};
+
+/// Sample training steps with pprof and write a flamegraph SVG.
+#[derive(Debug, Clone, Args)]
+pub struct ProfileArgs {
+    /// Model preset: tiny, small, seed.
+    #[arg(long, value_name = "NAME", default_value = "seed")]
+    pub config: String,
+    /// Worker threads. [default: number of cores]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Profiled steps.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub steps: usize,
+    /// Unprofiled steps first, so start-up is not in the picture.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: usize,
+    /// Synchronization strategy. [default: the trainer's]
+    #[arg(long, value_name = "NAME")]
+    pub strategy: Option<String>,
+    /// Sequences per step. [default: the preset's]
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    /// Spheres (microbatches per step). [default: the trainer's]
+    #[arg(long, value_name = "N")]
+    pub spheres: Option<usize>,
+    /// Samples per second per thread (a prime avoids beating with periodic work).
+    #[arg(long, value_name = "HZ", default_value_t = 997)]
+    pub frequency: i32,
+    /// The flamegraph SVG. [default: results/flamegraph_CONFIG.svg]
+    #[arg(long, value_name = "FILE.svg")]
+    pub out: Option<PathBuf>,
+    /// No summary line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Default for ProfileArgs {
+    fn default() -> Self {
+        ProfileArgs {
+            config: "seed".into(),
+            threads: None,
+            steps: 20,
+            warmup: 2,
+            strategy: None,
+            batch: None,
+            spheres: None,
+            frequency: 997,
+            out: None,
+            quiet: false,
+        }
+    }
+}
+
+/// The output path a profile run writes to.
+pub fn profile_out(args: &ProfileArgs) -> PathBuf {
+    args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/flamegraph_{}.svg", args.config)))
+}
+
+/// The validated settings of a profile run.
+struct Resolved {
+    cfg: crate::config::ModelConfig,
+    batch: usize,
+    threads: usize,
+    strategy: Strategy,
+}
+
+fn resolve(args: &ProfileArgs) -> Result<Resolved> {
+    let (cfg, batch) = resolve_config(&args.config, args.batch)?;
+    let threads = args.threads.unwrap_or_else(super::machine::logical_cores);
+    check_threads("--threads", threads)?;
+    if args.steps == 0 {
+        crate::bail!("--steps: must be at least 1");
+    }
+    if !(1..=10_000).contains(&args.frequency) {
+        crate::bail!("--frequency: {} is outside 1..=10000 Hz", args.frequency);
+    }
+    let strategy = match &args.strategy {
+        Some(s) => parse_strategy("--strategy", s)?,
+        None => Strategy::default(),
+    };
+    let out = profile_out(args);
+    if out.is_dir() {
+        crate::bail!("--out {}: is a directory", out.display());
+    }
+    Ok(Resolved { cfg, batch, threads, strategy })
+}
+
+/// Checks the options without running anything (usage errors for the CLI).
+pub fn check_profile_args(args: &ProfileArgs) -> Result<()> {
+    resolve(args).map(|_| ())
+}
+
+/// `cllm profile`: trains `steps` steps under the sampler and writes the flamegraph atomically.
+pub fn run_profile(args: &ProfileArgs) -> Result<()> {
+    let Resolved { cfg, batch, threads, strategy } = resolve(args)?;
+    let out = profile_out(args);
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| crate::err!("cannot create {}: {e}", dir.display()))?;
+    }
+
+    let seq = cfg.context;
+    let data = batches(batch, seq, args.warmup + args.steps)?;
+    let mut trainer =
+        Trainer::new(Model::new(cfg, 1337), batch, seq, trainer_options(strategy, threads, args.spheres))?;
+    for (x, y) in &data[..args.warmup] {
+        trainer.step(x, y, LR)?;
+    }
+    // Frames of the C runtime and the kernel-entry trampolines would only add noise at the
+    // top of every stack (and unwinding through vdso can fault).
+    let guard = pprof::ProfilerGuardBuilder::default()
+        .frequency(args.frequency)
+        .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+        .build()
+        .map_err(|e| crate::err!("cannot start the profiler: {e}"))?;
+    let t0 = Instant::now();
+    for (x, y) in &data[args.warmup..] {
+        trainer.step(x, y, LR)?;
+    }
+    let elapsed = t0.elapsed();
+    let report = guard.report().build().map_err(|e| crate::err!("cannot build the profile: {e}"))?;
+    drop(guard);
+    drop(trainer);
+
+    let mut svg = Vec::new();
+    report.flamegraph(&mut svg).map_err(|e| crate::err!("cannot draw the flamegraph: {e}"))?;
+    super::report::write_file(&out, &svg)?;
+    if !args.quiet {
+        let samples: isize = report.data.values().sum();
+        eprintln!(
+            "[profile] {} x{threads} {strategy}: {} steps in {:.2} s, {samples} samples -> {}",
+            args.config,
+            args.steps,
+            elapsed.as_secs_f64(),
+            out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,467 @@
+//! Checkpoints: everything needed to continue a training run bit-for-bit, written atomically.
+//!
+//! # Layout
+//!
+//! A run's output directory `OUT` holds one directory per checkpoint, named `step-NNNNNN`
+//! (the number of completed steps, at least six digits):
+//!
+//! ```text
+//! OUT/step-000100/
+//!     model.safetensors   the weights alone (HF GPT-2 names, F32, config in the metadata):
+//!                         what `cllm eval` and `cllm generate` read
+//!     state.safetensors   the AdamW moments `adam.m` and `adam.v`, flat in parameter order
+//!     state.json          step, Adam t, sampler state, model config, training options, data
+//!                         hash, version, command line, and the SHA-256 of the other files
+//! ```
+//!
+//! `state.json` also carries `self_sha256`: the SHA-256 of the file itself with that value
+//! replaced by 64 zeros, so a damaged `state.json` is caught like a damaged weight file.
+//!
+//! # Atomicity
+//!
+//! [`save`] writes every file into `OUT/.tmp-step-NNNNNN-<pid>` (a name that never matches
+//! `step-*`), fsyncs each file and the temporary directory, renames it to `step-NNNNNN` and
+//! fsyncs `OUT`. Readers only ever look at `step-*` names, so a crash or kill at any moment
+//! leaves every earlier checkpoint intact and the new one either complete or invisible.
+//! [`prune`] deletes old checkpoints only after the new one is in place.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::data::{sha256_hex, SamplerState};
+use crate::error::{Error, Result};
+use crate::model::weights::{deserialize_safetensors, serialize_safetensors};
+use crate::model::Model;
+use crate::{bail, err};
+
+/// The weights file of a checkpoint.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The optimizer-moments file of a checkpoint.
+pub const OPTIM_FILE: &str = "state.safetensors";
+/// The JSON training state of a checkpoint.
+pub const STATE_FILE: &str = "state.json";
+/// Version of the checkpoint layout; bumped when an old reader could misread a new one.
+pub const FORMAT_VERSION: u32 = 1;
+/// The version string recorded in checkpoints and printed by `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit the binary was built from ("unknown" outside a git checkout).
+pub const GIT_COMMIT: &str = env!("CLLM_GIT_COMMIT");
+
+const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The training options of a run, as recorded in `state.json`. Enumerations are stored by
+/// their command-line spelling so the file reads the same as the command that made it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunOptions {
+    /// Preset name (`tiny`, `small`, `seed`).
+    pub config_name: String,
+    /// Training sequence length (≤ the model's context).
+    pub context: usize,
+    pub batch: usize,
+    /// Total steps of the run (a resumed run continues up to it).
+    pub steps: u64,
+    pub lr: f64,
+    /// `constant` or `cosine`.
+    pub lr_schedule: String,
+    pub warmup_steps: u64,
+    /// The cosine schedule ends at `lr * min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    pub seed: u64,
+    pub threads: usize,
+    pub spheres: usize,
+    pub strategy: String,
+    pub clip_norm: f32,
+    pub clip_mode: String,
+    pub val_fraction: f64,
+    pub eval_every: u64,
+    pub eval_windows: usize,
+    pub save_every: u64,
+    pub keep: usize,
+}
+
+/// What the run trained on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRecord {
+    /// The data path as given, or the built-in corpus name.
+    pub name: String,
+    /// The data file's absolute path (`None` for the built-in corpus), so a resume from another
+    /// directory finds it.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `text` or `squad`.
+    pub format: String,
+    /// SHA-256 (hex) of the corpus bytes the model saw (after any SQuAD conversion).
+    pub sha256: String,
+    pub bytes: u64,
+    pub train_bytes: u64,
+    pub val_bytes: u64,
+}
+
+/// The contents of `state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    /// Completed optimizer steps (the `NNNNNN` of the directory name).
+    pub step: u64,
+    /// AdamW's step counter t (differs from `step` when updates were skipped).
+    pub adam_t: u64,
+    /// The batch sampler's state after drawing the batch of `step`.
+    pub sampler: SamplerState,
+    pub model_config: ModelConfig,
+    pub options: RunOptions,
+    pub data: DataRecord,
+    /// Training loss of the last step, and the last validation loss, for humans and tools.
+    pub loss: Option<f32>,
+    pub val_loss: Option<f32>,
+    pub cllm_version: String,
+    pub git_commit: String,
+    /// The command line of the process that wrote the checkpoint.
+    pub command_line: Vec<String>,
+    /// Seconds since the Unix epoch when written.
+    pub created_unix: u64,
+    /// SHA-256 (hex) of every other file in the directory, by file name.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// SHA-256 of this file with this value replaced by 64 zeros.
+    #[serde(default)]
+    pub self_sha256: String,
+}
+
+/// A checkpoint read back from disk, checksums verified.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub model: Model,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+}
+
+/// `step-NNNNNN`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// The step of a `step-NNNNNN` name, `None` for anything else (temporary directories included).
+pub fn parse_step_dir_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The checkpoints in `out`, oldest first. A missing directory holds none.
+pub fn list(out: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(out, &e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(out, &e))?;
+        let Some(step) = entry.file_name().to_str().and_then(parse_step_dir_name) else { continue };
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Resolves what a user passed to `--resume` or `--checkpoint`: a `step-NNNNNN` directory is
+/// itself; any other directory means its newest checkpoint.
+pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
+    let meta = fs::metadata(path).map_err(|e| io_err(path, &e))?;
+    if !meta.is_dir() {
+        bail!("{}: not a directory (expected a step-NNNNNN checkpoint or a run's --out directory)", path.display());
+    }
+    if path.join(STATE_FILE).exists() || path.join(MODEL_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    match list(path)?.pop() {
+        Some((_, dir)) => Ok(dir),
+        None => bail!("{}: no checkpoint here (no step-NNNNNN directory and no {STATE_FILE})", path.display()),
+    }
+}
+
+/// Loads only the weights, for eval and generate: `path` is a `.safetensors` file, a
+/// checkpoint directory or a run directory (its newest checkpoint). In a directory with a
+/// `state.json`, the weights' checksum is verified too.
+pub fn load_model(path: &Path) -> Result<(Model, PathBuf)> {
+    let meta = fs::metadata(path).map_err(|e| io_err(path, &e))?;
+    if !meta.is_dir() {
+        let bytes = read_file(path)?;
+        let model = deserialize_safetensors(&bytes).map_err(|e| e.context(path.display()))?;
+        return Ok((model, path.to_path_buf()));
+    }
+    let dir = resolve_dir(path)?;
+    let file = dir.join(MODEL_FILE);
+    let bytes = read_file(&file)?;
+    if dir.join(STATE_FILE).exists() {
+        let state = read_state(&dir)?;
+        verify_checksum(&file, &bytes, &state)?;
+    }
+    let model = deserialize_safetensors(&bytes).map_err(|e| e.context(file.display()))?;
+    Ok((model, file))
+}
+
+/// Loads a whole checkpoint directory (see [`resolve_dir`] for what `path` may be), verifying
+/// every checksum and that the pieces agree with each other.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let dir = resolve_dir(path)?;
+    let state = read_state(&dir)?;
+    if state.format_version != FORMAT_VERSION {
+        bail!(
+            "{}: checkpoint format version {} is not supported (this cllm reads version {FORMAT_VERSION})",
+            dir.join(STATE_FILE).display(),
+            state.format_version
+        );
+    }
+    for name in [MODEL_FILE, OPTIM_FILE] {
+        if !state.files.contains_key(name) {
+            bail!("{}: no checksum recorded for {name}", dir.join(STATE_FILE).display());
+        }
+    }
+    let model_path = dir.join(MODEL_FILE);
+    let model_bytes = read_file(&model_path)?;
+    verify_checksum(&model_path, &model_bytes, &state)?;
+    let model = deserialize_safetensors(&model_bytes).map_err(|e| e.context(model_path.display()))?;
+    if model.config != state.model_config {
+        bail!(
+            "{}: model config {:?} differs from {STATE_FILE}'s {:?}",
+            model_path.display(),
+            model.config,
+            state.model_config
+        );
+    }
+    let optim_path = dir.join(OPTIM_FILE);
+    let optim_bytes = read_file(&optim_path)?;
+    verify_checksum(&optim_path, &optim_bytes, &state)?;
+    let (adam_m, adam_v) =
+        deserialize_moments(&optim_bytes, model.params.len()).map_err(|e| e.context(optim_path.display()))?;
+    Ok(Checkpoint { dir, state, model, adam_m, adam_v })
+}
+
+/// Writes a checkpoint of `state.step` into `out` atomically (see the module docs) and returns
+/// its directory. `state.files` and `state.self_sha256` are filled in here. A checkpoint of the
+/// same step already in `out` is replaced.
+pub fn save(out: &Path, mut state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
+    fs::create_dir_all(out).map_err(|e| io_err(out, &e))?;
+    let name = step_dir_name(state.step);
+    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
+    }
+    let result = write_into(&tmp, &mut state, model, adam_m, adam_v).and_then(|()| publish(out, &tmp, &name));
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &[f32]) -> Result<()> {
+    fs::create_dir(tmp).map_err(|e| io_err(tmp, &e))?;
+    let model_bytes = serialize_safetensors(model)?;
+    let optim_bytes = serialize_moments(m, v)?;
+    state.files.clear();
+    state.files.insert(MODEL_FILE.to_string(), sha256_hex(&model_bytes));
+    state.files.insert(OPTIM_FILE.to_string(), sha256_hex(&optim_bytes));
+    state.self_sha256 = ZERO_HASH.to_string();
+    let mut json = serde_json::to_vec_pretty(&state)?;
+    json.push(b'\n');
+    let self_hash = sha256_hex(&json);
+    let json = replace_once(&json, ZERO_HASH.as_bytes(), self_hash.as_bytes())
+        .ok_or_else(|| err!("internal error: state.json has no self_sha256 placeholder"))?;
+    state.self_sha256 = self_hash;
+    write_synced(&tmp.join(MODEL_FILE), &model_bytes)?;
+    write_synced(&tmp.join(OPTIM_FILE), &optim_bytes)?;
+    write_synced(&tmp.join(STATE_FILE), &json)?;
+    sync_dir(tmp)
+}
+
+/// Moves the finished temporary directory to its `step-*` name. An existing checkpoint of the
+/// same step (a run resumed from an older checkpoint into the same directory) is first moved
+/// aside, so there is never a moment when neither copy exists on disk.
+fn publish(out: &Path, tmp: &Path, name: &str) -> Result<PathBuf> {
+    let dest = out.join(name);
+    let aside = out.join(format!(".replaced-{name}-{}", std::process::id()));
+    let replaced = dest.exists();
+    if replaced {
+        if aside.exists() {
+            fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, &e))?;
+        }
+        fs::rename(&dest, &aside).map_err(|e| io_err(&dest, &e))?;
+    }
+    fs::rename(tmp, &dest).map_err(|e| io_err(&dest, &e))?;
+    sync_dir(out)?;
+    if replaced {
+        fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, &e))?;
+    }
+    Ok(dest)
+}
+
+/// Deletes all but the newest `keep` checkpoints in `out` (0 keeps all); returns what it
+/// deleted. Called after [`save`], so the newest is always the one just written.
+pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let all = list(out)?;
+    let excess = all.len().saturating_sub(keep);
+    let mut removed = Vec::new();
+    for (_, dir) in all.into_iter().take(excess) {
+        fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, &e))?;
+        removed.push(dir);
+    }
+    if !removed.is_empty() {
+        sync_dir(out)?;
+    }
+    Ok(removed)
+}
+
+/// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID` and
+/// `.replaced-step-*-PID` whose process is gone). Only done where `/proc` tells whether a
+/// process lives; elsewhere they are left alone, which is harmless.
+pub fn remove_stale_temps(out: &Path) {
+    let proc_root = Path::new("/proc/self");
+    if !proc_root.exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(out) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with(".tmp-step-") || name.starts_with(".replaced-step-")) {
+            continue;
+        }
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join(STATE_FILE);
+    let bytes = read_file(&path)?;
+    let state: TrainState = serde_json::from_slice(&bytes)
+        .map_err(|e| err!("{}: not a valid checkpoint state (truncated or damaged?): {e}", path.display()))?;
+    if state.self_sha256.len() != 64 {
+        bail!("{}: missing self_sha256 checksum", path.display());
+    }
+    let zeroed = replace_once(&bytes, state.self_sha256.as_bytes(), ZERO_HASH.as_bytes())
+        .ok_or_else(|| err!("{}: checksum field not found", path.display()))?;
+    if sha256_hex(&zeroed) != state.self_sha256 {
+        bail!("{}: checksum mismatch (the file is damaged)", path.display());
+    }
+    Ok(state)
+}
+
+fn verify_checksum(path: &Path, bytes: &[u8], state: &TrainState) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let Some(expected) = state.files.get(name) else {
+        bail!("{}: no checksum recorded in {STATE_FILE}", path.display());
+    };
+    if &sha256_hex(bytes) != expected {
+        bail!("{}: checksum mismatch (the file is truncated or damaged; {} bytes)", path.display(), bytes.len());
+    }
+    Ok(())
+}
+
+fn serialize_moments(m: &[f32], v: &[f32]) -> Result<Vec<u8>> {
+    if m.len() != v.len() {
+        bail!("internal error: Adam moments have different lengths ({} and {})", m.len(), v.len());
+    }
+    let mb: Vec<u8> = m.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let vb: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let views = vec![
+        ("adam.m".to_string(), TensorView::new(Dtype::F32, vec![m.len()], &mb).map_err(|e| err!("adam.m: {e}"))?),
+        ("adam.v".to_string(), TensorView::new(Dtype::F32, vec![v.len()], &vb).map_err(|e| err!("adam.v: {e}"))?),
+    ];
+    safetensors::tensor::serialize(views, &None).map_err(|e| err!("cannot serialize optimizer state: {e}"))
+}
+
+fn deserialize_moments(bytes: &[u8], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
+    let read = |name: &str| -> Result<Vec<f32>> {
+        let view = st.tensor(name).map_err(|_| err!("missing tensor \"{name}\""))?;
+        if view.dtype() != Dtype::F32 || view.shape() != [n] {
+            bail!("tensor \"{name}\": {:?} {:?}, expected F32 [{n}]", view.dtype(), view.shape());
+        }
+        Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    };
+    Ok((read("adam.m")?, read("adam.v")?))
+}
+
+fn replace_once(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    let pos = haystack.windows(needle.len()).position(|w| w == needle)?;
+    let mut out = haystack.to_vec();
+    out[pos..pos + needle.len()].copy_from_slice(with);
+    Some(out)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("{}: is a directory, expected a file", path.display()),
+        Ok(_) => {}
+        Err(e) => return Err(io_err(path, &e)),
+    }
+    fs::read(path).map_err(|e| io_err(path, &e))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| io_err(path, &e))?;
+    f.write_all(bytes).map_err(|e| io_err(path, &e))?;
+    f.sync_all().map_err(|e| io_err(path, &e))
+}
+
+/// Makes renames and creations inside `dir` durable. Some filesystems cannot fsync a
+/// directory at all (EINVAL); there, the rename is as durable as the filesystem allows.
+fn sync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| io_err(dir, &e))?;
+    match f.sync_all() {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) => Ok(()),
+        Err(e) => Err(io_err(dir, &e)),
+    }
+}
+
+fn io_err(path: &Path, e: &io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => err!("{}: no such file or directory", path.display()),
+        io::ErrorKind::PermissionDenied => err!("{}: permission denied", path.display()),
+        _ => err!("{}: {e}", path.display()),
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_round_trip_with_six_digits() {
+        assert_eq!(step_dir_name(42), "step-000042");
+        assert_eq!(parse_step_dir_name("step-000042"), Some(42));
+        assert_eq!(parse_step_dir_name("step-1234567"), Some(1_234_567));
+    }
+
+    #[test]
+    fn temporary_names_are_not_checkpoints() {
+        for name in [".tmp-step-000042-123", ".replaced-step-000042-9", "step-", "step-12a", "steps-000001"] {
+            assert_eq!(parse_step_dir_name(name), None, "{name}");
+        }
+    }
+}

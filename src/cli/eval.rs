@@ -1,0 +1,84 @@
+//! `cllm eval`: a model's loss on a data file.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{default_threads, usage, write_stdout, CliResult};
+use crate::checkpoint::load_model;
+use crate::data::{load_corpus, DataFormat};
+use crate::train::run::evaluate;
+
+/// Mean next-byte cross-entropy of a model on a file, over consecutive non-overlapping windows
+/// of the model's context T (window i predicts bytes i·T+1 … i·T+T from bytes i·T … i·T+T-1).
+/// Prints the loss in nats and in bits per byte, with the number of windows and tokens.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A model.safetensors file, a step-NNNNNN checkpoint directory, or a run's --out
+    /// directory (its newest checkpoint).
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Text file to evaluate on (any bytes), or SQuAD JSON (converted as for training).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// How to read --data: auto (SQuAD JSON if it looks like it, else text), text or squad.
+    #[arg(long, value_name = "FORMAT", default_value = "auto")]
+    pub format: String,
+    /// Evaluate only the first N windows (default: every window that fits).
+    #[arg(long, value_name = "N")]
+    pub max_windows: Option<usize>,
+    /// Worker threads (default: all cores). The result does not depend on it.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print one JSON object {loss, bits_per_byte, windows, tokens} instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--json` output, keys in this order.
+#[derive(Serialize)]
+struct EvalJson {
+    loss: f64,
+    bits_per_byte: f64,
+    windows: usize,
+    tokens: usize,
+}
+
+pub fn run(args: EvalArgs) -> CliResult {
+    let format: DataFormat = args.format.parse().map_err(|e: crate::Error| super::Failure::usage(e.0))?;
+    if args.max_windows == Some(0) {
+        usage!("--max-windows must be at least 1");
+    }
+    let threads = args.threads.unwrap_or_else(default_threads);
+    if threads == 0 {
+        usage!("--threads must be at least 1");
+    }
+    let (model, model_path) = load_model(&args.checkpoint)?;
+    let corpus = load_corpus(Some(&args.data), format)?;
+    let t = model.config.context;
+    let result =
+        evaluate(&model.config, &model.params, &corpus.bytes, t, args.max_windows.unwrap_or(usize::MAX), threads)
+            .map_err(|e| e.context(args.data.display()))?;
+    let text = if args.json {
+        let obj = EvalJson {
+            loss: result.loss,
+            bits_per_byte: result.bits_per_byte(),
+            windows: result.windows,
+            tokens: result.tokens,
+        };
+        let obj = serde_json::to_string(&obj).map_err(crate::Error::from)?;
+        format!("{obj}\n")
+    } else {
+        format!(
+            "{}: loss {:.4} nats/byte, {:.4} bits/byte over {} windows of {t} ({} tokens) [model {}]\n",
+            args.data.display(),
+            result.loss,
+            result.bits_per_byte(),
+            result.windows,
+            result.tokens,
+            model_path.display()
+        )
+    };
+    write_stdout(text.as_bytes())
+}

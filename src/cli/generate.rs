@@ -1,0 +1,75 @@
+//! `cllm generate`: continue a prompt.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{usage, write_stdout, CliResult, Failure};
+use crate::checkpoint::load_model;
+use crate::error::Error;
+use crate::generate::{generate, SampleOptions};
+
+/// Print the prompt and a sampled continuation as raw bytes (the model works on bytes, so the
+/// output need not be valid UTF-8). The same checkpoint, prompt and seed always give the same
+/// bytes.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A model.safetensors file, a step-NNNNNN checkpoint directory, or a run's --out
+    /// directory (its newest checkpoint).
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Text to continue (only its last `context` bytes are seen by the model).
+    #[arg(long, value_name = "TEXT", default_value = "\n", hide_default_value = true)]
+    pub prompt: String,
+    /// Number of bytes to generate.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub tokens: usize,
+    /// Sampling temperature; 0 always picks the most likely byte (greedy).
+    #[arg(long, value_name = "X", default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample only among the K most likely bytes (0: all).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+    /// Do not echo the prompt before the continuation.
+    #[arg(long)]
+    pub no_prompt: bool,
+}
+
+pub fn run(args: GenerateArgs) -> CliResult {
+    if !args.temperature.is_finite() || args.temperature < 0.0 {
+        usage!("--temperature must be a number >= 0 (0 is greedy), got {}", args.temperature);
+    }
+    if args.prompt.is_empty() {
+        usage!("--prompt must not be empty (the model needs at least one byte to continue from)");
+    }
+    let (model, _) = load_model(&args.checkpoint)?;
+    let opts = SampleOptions { tokens: args.tokens, temperature: args.temperature, top_k: args.top_k, seed: args.seed };
+    if !args.no_prompt {
+        write_stdout(args.prompt.as_bytes())?;
+    }
+    let mut out = std::io::stdout().lock();
+    let mut closed = false;
+    let result = generate(&model, args.prompt.as_bytes(), opts, |b| {
+        // Streamed byte by byte so a slow generation shows progress.
+        out.write_all(&[b]).and_then(|()| out.flush()).map_err(|e| {
+            closed = e.kind() == std::io::ErrorKind::BrokenPipe;
+            Error(format!("cannot write to stdout: {e}"))
+        })
+    });
+    match result {
+        // A closed pipe (`cllm generate | head -c 50`) is the reader saying it has enough.
+        Err(_) if closed => return Ok(()),
+        Err(e) => return Err(Failure::from(e)),
+        Ok(_) => {}
+    }
+    // The bytes are the output; a newline is added only for a person at a terminal.
+    if out.is_terminal() {
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    }
+    Ok(())
+}

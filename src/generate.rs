@@ -1,0 +1,212 @@
+//! Sampling text from a model, one byte at a time.
+//!
+//! The model sees at most its context T, so generation keeps a sliding window of the last T
+//! bytes and runs the forward pass on that window only (no cache: the models are small, and a
+//! window recomputed from scratch is trivially the same whatever came before it). Randomness
+//! comes from a seeded [`SplitMix64`], so a seed names the same text on every machine.
+
+use crate::error::Result;
+use crate::model::init::SplitMix64;
+use crate::model::{gpt::forward_with_layout, Activations, Model, ParamLayout};
+use crate::{bail, err};
+
+/// How to sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleOptions {
+    /// Bytes to generate after the prompt.
+    pub tokens: usize,
+    /// Softmax temperature; 0 is greedy (always the most likely byte).
+    pub temperature: f32,
+    /// Sample only among the `k` most likely bytes; 0 means all of them.
+    pub top_k: usize,
+    /// Seed of the sampling PRNG.
+    pub seed: u64,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        SampleOptions { tokens: 200, temperature: 1.0, top_k: 0, seed: 1 }
+    }
+}
+
+impl SampleOptions {
+    /// Rejects settings that cannot be sampled with.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+        }
+        Ok(())
+    }
+}
+
+/// Produces one byte after another from a prompt.
+pub struct Generator<'a> {
+    model: &'a Model,
+    layout: ParamLayout,
+    acts: Activations,
+    window: Vec<u32>,
+    rng: SplitMix64,
+    opts: SampleOptions,
+}
+
+impl<'a> Generator<'a> {
+    /// Starts from `prompt`, of which only the last T bytes are seen; the prompt must not be
+    /// empty, since the model has no start-of-text token to condition on instead.
+    pub fn new(model: &'a Model, prompt: &[u8], opts: SampleOptions) -> Result<Self> {
+        opts.validate()?;
+        if prompt.is_empty() {
+            bail!("the prompt must hold at least one byte (the model has no start-of-text token)");
+        }
+        if let Some(&b) = prompt.iter().find(|&&b| usize::from(b) >= model.config.vocab) {
+            bail!("the prompt holds byte {b}, outside the model's vocabulary of {}", model.config.vocab);
+        }
+        let t = model.config.context;
+        let start = prompt.len().saturating_sub(t);
+        let window = prompt[start..].iter().map(|&b| u32::from(b)).collect();
+        Ok(Generator {
+            model,
+            layout: ParamLayout::new(&model.config),
+            acts: Activations::new(&model.config, 1, t),
+            window,
+            rng: SplitMix64::new(opts.seed),
+            opts,
+        })
+    }
+
+    /// The next byte, which also joins the window.
+    pub fn next_byte(&mut self) -> u8 {
+        let t = self.window.len();
+        forward_with_layout(&self.layout, &self.model.params, &mut self.acts, &self.window, None, 1, t);
+        let probs = self.acts.probs_at(0, t - 1);
+        let u = self.rng.next_f64();
+        let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u);
+        if self.window.len() == self.model.config.context {
+            self.window.remove(0);
+        }
+        // The vocabulary is 256 bytes; a larger model vocabulary would be an id we cannot print.
+        let byte = u8::try_from(next).unwrap_or(b'?');
+        self.window.push(u32::from(byte));
+        byte
+    }
+}
+
+/// Generates `opts.tokens` bytes after `prompt`, handing each to `emit` as it is produced
+/// (so a caller can stream them), and returns them.
+pub fn generate(
+    model: &Model,
+    prompt: &[u8],
+    opts: SampleOptions,
+    mut emit: impl FnMut(u8) -> Result<()>,
+) -> Result<Vec<u8>> {
+    if model.config.vocab > 256 {
+        return Err(err!("cannot generate bytes from a model with vocabulary {} (> 256)", model.config.vocab));
+    }
+    let mut gen = Generator::new(model, prompt, opts)?;
+    let mut out = Vec::with_capacity(opts.tokens);
+    for _ in 0..opts.tokens {
+        let b = gen.next_byte();
+        emit(b)?;
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// Picks an index from the probabilities `probs` given a uniform `u` in [0, 1).
+///
+/// Temperature τ rescales as softmax(logits/τ), i.e. weights p^(1/τ), computed in f64 from
+/// ln p so that small temperatures do not underflow. τ = 0 is argmax (the lowest index among
+/// ties). With `top_k` > 0 only the k largest probabilities take part (ties broken by the lower
+/// index, so the choice is deterministic).
+pub fn sample_index(probs: &[f32], temperature: f32, top_k: usize, u: f64) -> usize {
+    if probs.is_empty() {
+        return 0;
+    }
+    if temperature == 0.0 {
+        return argmax(probs);
+    }
+    let mut candidates: Vec<usize> = (0..probs.len()).collect();
+    if top_k > 0 && top_k < probs.len() {
+        // Stable sort by descending probability keeps lower indices first among ties.
+        candidates.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        candidates.truncate(top_k);
+        candidates.sort_unstable();
+    }
+    let inv_t = 1.0 / f64::from(temperature);
+    let logs: Vec<f64> = candidates.iter().map(|&i| f64::from(probs[i].max(0.0)).ln() * inv_t).collect();
+    let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return argmax(probs);
+    }
+    let weights: Vec<f64> = logs.iter().map(|&l| (l - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let target = u * total;
+    let mut acc = 0.0;
+    for (&i, &w) in candidates.iter().zip(&weights) {
+        acc += w;
+        if target < acc {
+            return i;
+        }
+    }
+    // Rounding can leave `target` a hair above the last partial sum.
+    candidates.iter().zip(&weights).rev().find(|(_, &w)| w > 0.0).map(|(&i, _)| i).unwrap_or(candidates[0])
+}
+
+fn argmax(probs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > probs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    #[test]
+    fn zero_temperature_is_argmax() {
+        assert_eq!(sample_index(&[0.1, 0.5, 0.4], 0.0, 0, 0.99), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_argmax_at_any_temperature() {
+        for u in [0.0, 0.3, 0.999] {
+            assert_eq!(sample_index(&[0.2, 0.3, 0.5], 5.0, 1, u), 2);
+        }
+    }
+
+    #[test]
+    fn uniform_draw_follows_cumulative_probabilities() {
+        let p = [0.25, 0.25, 0.5];
+        assert_eq!(sample_index(&p, 1.0, 0, 0.1), 0);
+        assert_eq!(sample_index(&p, 1.0, 0, 0.3), 1);
+        assert_eq!(sample_index(&p, 1.0, 0, 0.9), 2);
+    }
+
+    #[test]
+    fn zero_probability_bytes_are_never_drawn() {
+        for k in 0..100 {
+            let u = k as f64 / 100.0;
+            assert_ne!(sample_index(&[0.0, 1.0, 0.0], 0.7, 0, u), 0);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_bytes_and_window_slides_past_the_context() {
+        let model = Model::new(ModelConfig::tiny(), 3);
+        let opts = SampleOptions { tokens: 40, temperature: 1.0, top_k: 0, seed: 9 };
+        let a = generate(&model, b"hello", opts, |_| Ok(())).unwrap();
+        let b = generate(&model, b"hello", opts, |_| Ok(())).unwrap();
+        assert_eq!(a.len(), 40);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn empty_prompt_is_an_error() {
+        let model = Model::new(ModelConfig::tiny(), 3);
+        assert!(generate(&model, b"", SampleOptions::default(), |_| Ok(())).is_err());
+    }
+}

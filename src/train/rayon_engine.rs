@@ -1,0 +1,267 @@
+//! The `rayon` strategy: the step a typical Rust developer would write, kept as a comparison
+//! point for the sphere engine.
+//!
+//! Micro-batches are a rayon parallel iterator whose gradients are combined with a parallel
+//! `fold`/`reduce`; the norm and AdamW are parallel iterators over the same fixed chunks as the
+//! sphere engine. Each micro-batch allocates its gradient, as such code usually does.
+//!
+//! Not bit-deterministic: rayon's reduction tree follows its work stealing, so the gradient sum
+//! (and the f64 norm sum) are associated differently from run to run and across thread counts.
+//! Not model-checked either: rayon's threads are outside the sync backend.
+
+use super::spheres::{scaling, sphere_factor, validate};
+use super::timing::WorkerTiming;
+use super::workload::{StepBatch, Workload};
+use super::{StepReport, TrainerOptions};
+use crate::grad::{self, Scan};
+use crate::optim::AdamWConfig;
+use crate::{bail, err, Result};
+use rayon::prelude::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+use std::time::Instant;
+
+struct MicroInfo {
+    mb: usize,
+    loss: f32,
+    scan: Scan,
+    factor: f32,
+}
+
+#[derive(Default)]
+struct Acc {
+    grad: Option<Vec<f32>>,
+    infos: Vec<MicroInfo>,
+}
+
+impl Acc {
+    fn merge(mut self, other: Acc) -> Acc {
+        self.grad = match (self.grad, other.grad) {
+            (Some(mut a), Some(b)) => {
+                grad::add_scaled(&mut a, &b, 1.0);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
+        self.infos.extend(other.infos);
+        self
+    }
+}
+
+/// The rayon step engine.
+pub struct RayonEngine<W: Workload> {
+    pool: rayon::ThreadPool,
+    workload: W,
+    params: Vec<f32>,
+    sum: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    batch: StepBatch,
+    /// One scratch per pool thread (indexed by rayon's thread index; never contended).
+    scratch: Vec<Mutex<Option<W::Scratch>>>,
+    spheres: usize,
+    chunk: usize,
+    clip_norm: f32,
+    clip_mode: super::ClipMode,
+    adamw: AdamWConfig,
+    inject_nan: Vec<(u64, usize)>,
+    max_skipped_steps: usize,
+    step: u64,
+    t: u64,
+    consecutive_skipped: usize,
+}
+
+impl<W: Workload> RayonEngine<W> {
+    pub fn new(workload: W, params: Vec<f32>, rows: usize, seq: usize, opts: &TrainerOptions) -> Result<Self> {
+        let p = workload.num_params();
+        let spheres = validate(opts, rows, seq, p)?;
+        if params.len() != p {
+            bail!("expected {p} parameters, got {}", params.len());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .thread_name(|i| format!("cllm-rayon-{i}"))
+            .build()
+            .map_err(|e| err!("could not start the rayon pool: {e}"))?;
+        Ok(RayonEngine {
+            scratch: (0..opts.threads).map(|_| Mutex::new(None)).collect(),
+            pool,
+            workload,
+            params,
+            sum: vec![0.0; p],
+            m: vec![0.0; p],
+            v: vec![0.0; p],
+            batch: StepBatch::zeros(rows, seq),
+            spheres,
+            chunk: opts.chunk_size,
+            clip_norm: opts.clip_norm,
+            clip_mode: opts.clip_mode,
+            adamw: opts.adamw,
+            inject_nan: opts.inject_nan.clone(),
+            max_skipped_steps: opts.max_skipped_steps,
+            step: 0,
+            t: 0,
+            consecutive_skipped: 0,
+        })
+    }
+
+    pub fn workload(&self) -> &W {
+        &self.workload
+    }
+    pub fn spheres(&self) -> usize {
+        self.spheres
+    }
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+    pub fn set_params(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.params.len() {
+            bail!("expected {} parameters, got {}", self.params.len(), params.len());
+        }
+        self.params.copy_from_slice(params);
+        Ok(())
+    }
+    pub fn grad_sum(&self) -> &[f32] {
+        &self.sum
+    }
+    pub fn adam_state(&self) -> (&[f32], &[f32], u64) {
+        (&self.m, &self.v, self.t)
+    }
+    pub fn set_adam_state(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
+        let p = self.params.len();
+        if m.len() != p || v.len() != p {
+            bail!("adam state has {} / {} values, expected {p}", m.len(), v.len());
+        }
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        self.t = t;
+        Ok(())
+    }
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn set_step(&mut self, n: u64) {
+        self.step = n;
+    }
+
+    pub fn step(&mut self, inputs: &[u32], targets: &[u32], lr: f32) -> Result<StepReport> {
+        let mut report = StepReport::default();
+        self.step_into(inputs, targets, lr, &mut report)?;
+        Ok(report)
+    }
+
+    pub fn step_into(&mut self, inputs: &[u32], targets: &[u32], lr: f32, report: &mut StepReport) -> Result<()> {
+        let n = self.batch.rows * self.batch.seq;
+        if inputs.len() != n || targets.len() != n {
+            bail!("batch must have {n} inputs and targets, got {} and {}", inputs.len(), targets.len());
+        }
+        if !(lr.is_finite() && lr >= 0.0) {
+            bail!("learning rate must be finite and >= 0, got {lr}");
+        }
+        let wall = Instant::now();
+        self.batch.inputs.copy_from_slice(inputs);
+        self.batch.targets.copy_from_slice(targets);
+        let step = self.step + 1;
+        let (workload, batch, params, scratch) = (&self.workload, &self.batch, &self.params, &self.scratch);
+        let (spheres, clip_norm, clip_mode, inject) = (self.spheres, self.clip_norm, self.clip_mode, &self.inject_nan);
+        let (rows, seq) = (batch.rows / spheres, batch.seq);
+
+        let t0 = Instant::now();
+        let acc = catch_unwind(AssertUnwindSafe(|| {
+            self.pool.install(|| {
+                (0..spheres)
+                    .into_par_iter()
+                    .map(|mb| {
+                        let idx = rayon::current_thread_index().unwrap_or(0);
+                        let mut slot = scratch[idx].lock().unwrap_or_else(|e| e.into_inner());
+                        let s = slot.get_or_insert_with(|| workload.new_scratch(rows, seq));
+                        let mut g = vec![0.0f32; params.len()];
+                        let loss = workload.compute(s, params, batch, mb, spheres, &mut g);
+                        if inject.contains(&(step, mb)) {
+                            g[0] = f32::NAN;
+                        }
+                        let scan = grad::scan(&g);
+                        let factor = sphere_factor(&scan, clip_norm, clip_mode);
+                        grad::scale(&mut g, factor);
+                        let info = MicroInfo { mb, loss, scan, factor };
+                        Acc { grad: scan.is_valid().then_some(g), infos: vec![info] }
+                    })
+                    .reduce(Acc::default, Acc::merge)
+            })
+        }))
+        .map_err(|p| {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            err!("worker panicked: {}", msg.unwrap_or_else(|| "non-string panic payload".into()))
+        })?;
+        let compute = t0.elapsed();
+
+        let mut infos = acc.infos;
+        infos.sort_by_key(|i| i.mb);
+        report.step = step;
+        report.skipped_spheres.clear();
+        report.bad_values.clear();
+        let (mut loss_sum, mut n_valid, mut max_norm, mut sphere_clipped) = (0.0f64, 0usize, 0.0f64, false);
+        for i in &infos {
+            if i.scan.is_valid() {
+                n_valid += 1;
+                loss_sum += i.loss as f64;
+                max_norm = max_norm.max(i.scan.norm());
+                sphere_clipped |= i.factor < 1.0;
+            } else {
+                report.skipped_spheres.push(i.mb);
+                for &(idx, v) in i.scan.bad_entries() {
+                    if report.bad_values.len() < grad::MAX_BAD {
+                        report.bad_values.push((i.mb, idx, v));
+                    }
+                }
+            }
+        }
+        report.loss = if n_valid > 0 { (loss_sum / n_valid as f64) as f32 } else { f32::NAN };
+        report.max_sphere_norm = max_norm as f32;
+        report.update_skipped = n_valid == 0;
+        let mut timing = WorkerTiming { compute, micro_batches: spheres as u32, ..Default::default() };
+        match acc.grad {
+            Some(sum) => {
+                self.sum = sum;
+                let t1 = Instant::now();
+                let chunk = self.chunk;
+                let total: f64 = self.pool.install(|| self.sum.par_chunks(chunk).map(grad::sqnorm).sum());
+                let s = scaling(total, n_valid, clip_norm, clip_mode);
+                timing.reduce = t1.elapsed();
+                let t2 = Instant::now();
+                let (adamw, t, g) = (self.adamw, self.t + 1, &self.sum);
+                let (p, m, v) = (&mut self.params, &mut self.m, &mut self.v);
+                self.pool.install(|| {
+                    p.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).zip(m.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).for_each(
+                        |(((p, g), m), v)| adamw.update_chunk(p, g, m, v, t, lr, s.grad_scale),
+                    )
+                });
+                timing.optimizer = t2.elapsed();
+                report.grad_norm = s.grad_norm as f32;
+                report.clipped = s.clipped || sphere_clipped;
+                self.t = t;
+                self.consecutive_skipped = 0;
+            }
+            None => {
+                report.grad_norm = f32::NAN;
+                report.clipped = false;
+                self.consecutive_skipped += 1;
+            }
+        }
+        report.adam_t = self.t;
+        self.step = step;
+        report.timings.workers.clear();
+        report.timings.workers.push(timing);
+        report.timings.wall = wall.elapsed();
+        if self.max_skipped_steps > 0 && self.consecutive_skipped >= self.max_skipped_steps {
+            bail!(
+                "{} consecutive steps had no valid micro-batch (NaN/Inf gradients in every one; last at step {step}); stopping",
+                self.consecutive_skipped
+            );
+        }
+        Ok(())
+    }
+}

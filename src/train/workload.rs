@@ -1,0 +1,163 @@
+//! The math of one micro-batch, separated from the protocol that schedules it.
+//!
+//! The protocol ([`super::spheres`]) only asks a [`Workload`] for the gradient of one
+//! micro-batch against read-only weights. [`GptWorkload`] is the real model; [`ScaleWorkload`]
+//! is a tiny deterministic fake whose gradients are exact in f32, used by the loom and shuttle
+//! checks and the protocol tests so that the checked code is the real protocol.
+
+use crate::config::ModelConfig;
+use crate::model::{self, Activations};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The token batch of one step: `rows` sequences of `seq` tokens, row-major.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepBatch {
+    pub rows: usize,
+    pub seq: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl StepBatch {
+    pub fn zeros(rows: usize, seq: usize) -> Self {
+        StepBatch { rows, seq, inputs: vec![0; rows * seq], targets: vec![0; rows * seq] }
+    }
+
+    /// Rows per micro-batch when the batch is split into `spheres` micro-batches.
+    pub fn rows_per_micro(&self, spheres: usize) -> usize {
+        self.rows / spheres
+    }
+
+    /// The inputs and targets of micro-batch `mb` of `spheres`.
+    pub fn micro(&self, mb: usize, spheres: usize) -> (&[u32], &[u32]) {
+        let n = self.rows_per_micro(spheres) * self.seq;
+        let r = mb * n..(mb + 1) * n;
+        (&self.inputs[r.clone()], &self.targets[r])
+    }
+}
+
+/// One micro-batch's loss and gradient as a pure function of (weights, batch, micro-batch).
+pub trait Workload: Send + Sync + 'static {
+    /// Per-worker buffers (activations), created once per worker and reused every step.
+    type Scratch: Send + 'static;
+
+    fn num_params(&self) -> usize;
+
+    /// Scratch for micro-batches of `rows` sequences of `seq` tokens.
+    fn new_scratch(&self, rows: usize, seq: usize) -> Self::Scratch;
+
+    /// Overwrites `grad` with d(mean loss of micro-batch `mb` of `spheres`)/d(weights) and
+    /// returns that mean loss. Must not depend on which thread calls it.
+    fn compute(
+        &self,
+        scratch: &mut Self::Scratch,
+        weights: &[f32],
+        batch: &StepBatch,
+        mb: usize,
+        spheres: usize,
+        grad: &mut [f32],
+    ) -> f32;
+}
+
+/// The real GPT-2-style model: `model::forward` + `model::backward` on one micro-batch.
+#[derive(Clone, Debug)]
+pub struct GptWorkload {
+    pub config: ModelConfig,
+    /// Built once: `model::forward` would rebuild (and allocate) it on every call.
+    layout: model::ParamLayout,
+}
+
+impl GptWorkload {
+    pub fn new(config: ModelConfig) -> Self {
+        GptWorkload { config, layout: model::ParamLayout::new(&config) }
+    }
+}
+
+impl Workload for GptWorkload {
+    type Scratch = Activations;
+
+    fn num_params(&self) -> usize {
+        self.layout.num_params()
+    }
+
+    fn new_scratch(&self, rows: usize, seq: usize) -> Activations {
+        Activations::new(&self.config, rows, seq)
+    }
+
+    fn compute(
+        &self,
+        acts: &mut Activations,
+        weights: &[f32],
+        batch: &StepBatch,
+        mb: usize,
+        spheres: usize,
+        grad: &mut [f32],
+    ) -> f32 {
+        let (inputs, targets) = batch.micro(mb, spheres);
+        let rows = batch.rows_per_micro(spheres);
+        let loss = model::gpt::forward_with_layout(&self.layout, weights, acts, inputs, Some(targets), rows, batch.seq);
+        model::gpt::backward_with_layout(&self.layout, weights, acts, grad);
+        loss
+    }
+}
+
+/// A fake workload for protocol checks: `grad[i] = weights[i] * (mb + 1) + first input token of
+/// the micro-batch`, loss = `mb + first token`. With small integer weights every value is exact
+/// in f32, so any lost, doubled or misplaced contribution shows in the result. It counts the
+/// calls per micro-batch (a test probe, not part of the protocol's synchronization).
+#[derive(Debug)]
+pub struct ScaleWorkload {
+    params: usize,
+    calls: Vec<AtomicUsize>,
+    /// Panic when computing this micro-batch (to test worker-panic propagation).
+    pub panic_on: Option<usize>,
+}
+
+impl ScaleWorkload {
+    pub fn new(params: usize, spheres: usize) -> Self {
+        ScaleWorkload { params, calls: (0..spheres).map(|_| AtomicUsize::new(0)).collect(), panic_on: None }
+    }
+
+    /// How many times micro-batch `mb` has been computed since creation.
+    pub fn calls(&self, mb: usize) -> usize {
+        self.calls[mb].load(Ordering::SeqCst)
+    }
+
+    /// The gradient `compute` produces, for building expected results.
+    pub fn expected_grad(weights: &[f32], batch: &StepBatch, mb: usize, spheres: usize) -> Vec<f32> {
+        let tok = batch.micro(mb, spheres).0.first().copied().unwrap_or(0) as f32;
+        weights.iter().map(|w| w * (mb + 1) as f32 + tok).collect()
+    }
+}
+
+impl Workload for ScaleWorkload {
+    type Scratch = ();
+
+    fn num_params(&self) -> usize {
+        self.params
+    }
+
+    fn new_scratch(&self, _rows: usize, _seq: usize) {}
+
+    fn compute(
+        &self,
+        _scratch: &mut (),
+        weights: &[f32],
+        batch: &StepBatch,
+        mb: usize,
+        spheres: usize,
+        grad: &mut [f32],
+    ) -> f32 {
+        if let Some(c) = self.calls.get(mb) {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.panic_on == Some(mb) {
+            panic!("ScaleWorkload: injected panic in micro-batch {mb}");
+        }
+        let tok = batch.micro(mb, spheres).0.first().copied().unwrap_or(0) as f32;
+        for (g, w) in grad.iter_mut().zip(weights) {
+            *g = w * (mb + 1) as f32 + tok;
+        }
+        mb as f32 + tok
+    }
+}

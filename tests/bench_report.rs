@@ -1,0 +1,155 @@
+//! `cllm bench` end to end on the tiny preset: the report files exist and hold what the
+//! contract promises; bad options are refused before any work. No timing is asserted: the
+//! numbers depend on the machine and its load.
+
+use cllm::bench::{check_bench_args, check_profile_args, run_bench, run_profile, BenchArgs, ProfileArgs};
+use serde_json::Value;
+
+fn tiny_args(out: &std::path::Path) -> BenchArgs {
+    BenchArgs {
+        config: "tiny".into(),
+        threads: vec![1, 2],
+        steps: 2,
+        warmup: 1,
+        out: out.to_path_buf(),
+        ceiling_ms: 5,
+        quiet: true,
+        ..BenchArgs::default()
+    }
+}
+
+const CELL_KEYS: [&str; 16] = [
+    "strategy",
+    "threads",
+    "median_step_ms",
+    "tokens_per_s",
+    "speedup",
+    "efficiency",
+    "cpu_utilization",
+    "ceiling_speedup",
+    "compute_frac",
+    "barrier_frac",
+    "lock_wait_frac",
+    "reduce_frac",
+    "optimizer_frac",
+    "lock_acquisitions_per_step",
+    "lock_wait_ms_per_step",
+    "peak_rss_mb",
+];
+
+#[test]
+fn tiny_bench_writes_json_markdown_and_svg() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("tiny");
+    run_bench(&tiny_args(&out)).expect("bench runs");
+
+    let text = std::fs::read_to_string(out.join("scaling.json")).expect("scaling.json");
+    let v: Value = serde_json::from_str(&text).expect("valid JSON");
+    let machine = &v["machine"];
+    assert!(machine["logical_cores"].as_u64().is_some_and(|n| n >= 1));
+    for key in ["cpu_model", "rustc", "git_commit"] {
+        assert!(machine[key].as_str().is_some_and(|s| !s.is_empty()), "machine.{key}");
+    }
+    assert_eq!(v["config"], "tiny");
+    let ceiling = v["ceiling"].as_object().expect("ceiling object");
+    for t in ["1", "2"] {
+        assert!(ceiling[t].as_f64().is_some_and(|r| r > 0.0), "ceiling {t}");
+    }
+    let cells = v["cells"].as_array().expect("cells");
+    assert_eq!(cells.len(), 4 * 2, "every strategy at 1 and 2 threads");
+    for cell in cells {
+        for key in CELL_KEYS {
+            assert!(!cell[key].is_null(), "cell lacks {key}: {cell}");
+        }
+        assert!(cell["median_step_ms"].as_f64().is_some_and(|x| x > 0.0));
+        assert!(cell["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
+        for key in ["compute_frac", "barrier_frac", "lock_wait_frac", "reduce_frac", "optimizer_frac"] {
+            assert!(cell[key].as_f64().is_some_and(|x| x >= 0.0), "{key} is a non-negative number");
+        }
+        if cell["threads"] == 1 {
+            assert_eq!(cell["speedup"].as_f64(), Some(1.0), "1 thread is the baseline");
+        }
+    }
+    let strategies: Vec<&str> = cells.iter().filter_map(|c| c["strategy"].as_str()).collect();
+    for s in ["model-lock", "gradient-lock", "segmented", "rayon"] {
+        assert!(strategies.contains(&s), "{s} measured");
+    }
+
+    let md = std::fs::read_to_string(out.join("scaling.md")).expect("scaling.md");
+    assert!(md.contains("| strategy | threads |"), "markdown table header:\n{md}");
+    assert!(md.contains("|---|"), "markdown table rule");
+    assert!(md.contains("**segmented**"), "a paragraph per strategy");
+
+    let svg = std::fs::read_to_string(out.join("scaling.svg")).expect("scaling.svg");
+    let head = svg.trim_start();
+    assert!(head.starts_with("<svg") || head.starts_with("<?xml"), "SVG: {}", &head[..head.len().min(80)]);
+    assert!(svg.len() > 500, "non-empty chart");
+    assert!(svg.contains("segmented"), "legend names the strategies");
+
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .expect("out dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn bad_bench_options_are_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = tiny_args(dir.path());
+    check_bench_args(&base).expect("the base options are fine");
+    let cases: Vec<(BenchArgs, &str)> = vec![
+        (BenchArgs { threads: vec![1, 0], ..base.clone() }, "--threads"),
+        (BenchArgs { threads: vec![], ..base.clone() }, "--threads"),
+        (BenchArgs { strategies: vec!["spinlock".into()], ..base.clone() }, "--strategies"),
+        (BenchArgs { strategies: vec![], ..base.clone() }, "--strategies"),
+        (BenchArgs { config: "huge".into(), ..base.clone() }, "--config"),
+        (BenchArgs { steps: 0, ..base.clone() }, "--steps"),
+        (BenchArgs { batch: Some(0), ..base.clone() }, "--batch"),
+    ];
+    for (args, flag) in cases {
+        assert!(check_bench_args(&args).is_err(), "{flag} checked up front");
+        let e = run_bench(&args).expect_err(flag);
+        assert!(e.0.contains(flag), "error names {flag}: {}", e.0);
+        assert!(!e.0.contains('\n'), "one line: {}", e.0);
+    }
+    assert!(!dir.path().join("scaling.json").exists(), "nothing written on a bad option");
+}
+
+#[test]
+fn bad_profile_options_are_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Some(dir.path().join("p.svg"));
+    let base = ProfileArgs { config: "tiny".into(), out, quiet: true, ..ProfileArgs::default() };
+    for (args, flag) in [
+        (ProfileArgs { threads: Some(0), ..base.clone() }, "--threads"),
+        (ProfileArgs { strategy: Some("spinlock".into()), ..base.clone() }, "--strategy"),
+        (ProfileArgs { config: "huge".into(), ..base.clone() }, "--config"),
+        (ProfileArgs { steps: 0, ..base.clone() }, "--steps"),
+    ] {
+        assert!(check_profile_args(&args).is_err(), "{flag} checked up front");
+        let e = run_profile(&args).expect_err(flag);
+        assert!(e.0.contains(flag), "error names {flag}: {}", e.0);
+    }
+}
+
+#[test]
+fn tiny_profile_writes_a_flamegraph() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("sub").join("flame.svg");
+    let args = ProfileArgs {
+        config: "tiny".into(),
+        threads: Some(2),
+        steps: 30,
+        warmup: 1,
+        out: Some(out.clone()),
+        quiet: true,
+        ..ProfileArgs::default()
+    };
+    run_profile(&args).expect("profile runs");
+    let svg = std::fs::read_to_string(&out).expect("flamegraph written");
+    let head = svg.trim_start();
+    assert!(head.starts_with("<svg") || head.starts_with("<?xml"), "SVG");
+}
