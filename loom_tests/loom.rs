@@ -4,7 +4,7 @@
 //! engine, barrier, strategies, worker loop and shutdown are the production code. The main loom
 //! thread is the coordinator, which is also worker 0, so "N workers" means N loom threads.
 //!
-//! Exhaustive vs bounded: the standalone barrier check is exhaustive. The protocol checks use a
+//! Exhaustive vs bounded: the standalone 2-party barrier check is exhaustive. The rest use a
 //! preemption bound (every interleaving with at most that many preemptions; blocking switches
 //! are unbounded): the full protocol has four barrier crossings per step, and an unbounded
 //! search of even 2 workers x 2 steps does not finish in minutes, while each extra preemption
@@ -68,7 +68,12 @@ fn protocol(opts: &TrainerOptions, rows: usize, steps: u64) {
         if opts.strategy == Strategy::Segmented || step == 1 {
             assert_eq!(eng.params(), &reference.params[..], "step {step}: weights differ from the serial reference");
         } else {
-            assert!(close(eng.params(), &reference.params), "step {step}: {:?} vs {:?}", eng.params(), reference.params);
+            assert!(
+                close(eng.params(), &reference.params),
+                "step {step}: {:?} vs {:?}",
+                eng.params(),
+                reference.params
+            );
         }
         assert_eq!(eng.adam_state().2, reference.t);
     }
@@ -116,34 +121,43 @@ fn segmented_three_workers_one_step_then_shutdown() {
     check("segmented 3 workers 1 step", Some(2), || protocol(&options(3, 3, Strategy::Segmented), 3, 1));
 }
 
-#[test]
-fn barrier_alone_three_parties_reused_twice() {
+/// The barrier on its own: `parties` threads (the main one included) cross it `rounds` times;
+/// nobody leaves a round before everybody has arrived in it.
+fn barrier_rounds(parties: usize, rounds: usize) {
     use cllm::train::barrier::Barrier;
-    check("barrier 3 parties x2", None, || {
-        let b = loom::sync::Arc::new(Barrier::<Loom>::new(3));
-        let hits = loom::sync::Arc::new(loom::sync::atomic::AtomicUsize::new(0));
-        let hs: Vec<_> = (0..2)
-            .map(|_| {
-                let (b, hits) = (b.clone(), hits.clone());
-                loom::thread::spawn(move || {
-                    for round in 0..2 {
-                        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        b.wait().unwrap();
-                        // Every party of this round has arrived before anyone leaves.
-                        assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 3 * (round + 1));
-                    }
-                })
-            })
-            .collect();
-        for round in 0..2 {
-            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            b.wait().unwrap();
-            assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 3 * (round + 1));
+    use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let b = loom::sync::Arc::new(Barrier::<Loom>::new(parties));
+    let hits = loom::sync::Arc::new(AtomicUsize::new(0));
+    let body = move |b: &Barrier<Loom>, hits: &AtomicUsize| {
+        let mut leaders = 0;
+        for round in 0..rounds {
+            hits.fetch_add(1, SeqCst);
+            leaders += b.wait().unwrap() as usize;
+            assert!(hits.load(SeqCst) >= parties * (round + 1), "left round {round} early");
         }
-        for h in hs {
-            h.join().unwrap();
-        }
-    });
+        leaders
+    };
+    let hs: Vec<_> = (1..parties)
+        .map(|_| {
+            let (b, hits) = (b.clone(), hits.clone());
+            loom::thread::spawn(move || body(&b, &hits))
+        })
+        .collect();
+    let mut leaders = body(&b, &hits);
+    for h in hs {
+        leaders += h.join().unwrap();
+    }
+    assert_eq!(leaders, rounds, "exactly one leader per round");
+}
+
+#[test]
+fn barrier_two_parties_three_rounds_exhaustive() {
+    check("barrier 2 parties x3", None, || barrier_rounds(2, 3));
+}
+
+#[test]
+fn barrier_three_parties_two_rounds() {
+    check("barrier 3 parties x2", Some(3), || barrier_rounds(3, 2));
 }
 
 // 2. Lock strategies ------------------------------------------------------------------------
@@ -218,9 +232,15 @@ fn all_invalid_step_skips_the_update_then_errors_after_the_limit() {
 fn broken_barrier_without_generation_is_caught() {
     expect_bug("barrier without generation", Some(2), || {
         let opts = options(2, 2, Strategy::Segmented);
-        let mut eng =
-            Engine::<Loom, _>::with_fault(ScaleWorkload::new(PARAMS, 2), initial_params(), 2, 1, &opts, Fault::BarrierWithoutGeneration)
-                .unwrap();
+        let mut eng = Engine::<Loom, _>::with_fault(
+            ScaleWorkload::new(PARAMS, 2),
+            initial_params(),
+            2,
+            1,
+            &opts,
+            Fault::BarrierWithoutGeneration,
+        )
+        .unwrap();
         for step in 1..=2 {
             let b = batch(step, 2);
             eng.step(&b.inputs, &b.targets, 0.1).unwrap();
@@ -233,9 +253,15 @@ fn broken_barrier_without_generation_is_caught() {
 fn broken_unlocked_accumulation_is_caught() {
     expect_bug("accumulation without the gradient lock", Some(2), || {
         let opts = options(2, 2, Strategy::GradientLock);
-        let mut eng =
-            Engine::<Loom, _>::with_fault(ScaleWorkload::new(PARAMS, 2), initial_params(), 2, 1, &opts, Fault::UnlockedAccumulation)
-                .unwrap();
+        let mut eng = Engine::<Loom, _>::with_fault(
+            ScaleWorkload::new(PARAMS, 2),
+            initial_params(),
+            2,
+            1,
+            &opts,
+            Fault::UnlockedAccumulation,
+        )
+        .unwrap();
         let b = batch(1, 2);
         eng.step(&b.inputs, &b.targets, 0.1).unwrap();
         eng.shutdown().unwrap();
@@ -246,9 +272,15 @@ fn broken_unlocked_accumulation_is_caught() {
 fn broken_reduce_before_computed_is_caught() {
     expect_bug("reduce before every micro-batch is computed", Some(2), || {
         let opts = options(2, 2, Strategy::Segmented);
-        let mut eng =
-            Engine::<Loom, _>::with_fault(ScaleWorkload::new(PARAMS, 2), initial_params(), 2, 1, &opts, Fault::SkipComputedBarrier)
-                .unwrap();
+        let mut eng = Engine::<Loom, _>::with_fault(
+            ScaleWorkload::new(PARAMS, 2),
+            initial_params(),
+            2,
+            1,
+            &opts,
+            Fault::SkipComputedBarrier,
+        )
+        .unwrap();
         let b = batch(1, 2);
         eng.step(&b.inputs, &b.targets, 0.1).unwrap();
         eng.shutdown().unwrap();
@@ -259,12 +291,17 @@ fn broken_reduce_before_computed_is_caught() {
 fn broken_lock_order_inversion_is_caught() {
     expect_bug("model-lock with inverted lock order", Some(2), || {
         let opts = options(2, 2, Strategy::ModelLock);
-        let mut eng =
-            Engine::<Loom, _>::with_fault(ScaleWorkload::new(PARAMS, 2), initial_params(), 2, 1, &opts, Fault::LockOrderInversion)
-                .unwrap();
+        let mut eng = Engine::<Loom, _>::with_fault(
+            ScaleWorkload::new(PARAMS, 2),
+            initial_params(),
+            2,
+            1,
+            &opts,
+            Fault::LockOrderInversion,
+        )
+        .unwrap();
         let b = batch(1, 2);
         eng.step(&b.inputs, &b.targets, 0.1).unwrap();
         eng.shutdown().unwrap();
     });
 }
-

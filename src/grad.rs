@@ -93,7 +93,8 @@ pub fn scan(grad: &[f32]) -> Scan {
 /// The factor is shrunk by a few ulps so that the scaled f32 vector, with its own rounding, still
 /// has a norm at or below the bound.
 pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
-    if max_norm <= 0.0 || !(norm > max_norm as f64) {
+    // NaN norms never reach here (invalid gradients are skipped), so `<=` is the full test.
+    if max_norm <= 0.0 || norm <= max_norm as f64 {
         return 1.0;
     }
     ((max_norm as f64 / norm) * (1.0 - 4.0 * f32::EPSILON as f64)) as f32

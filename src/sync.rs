@@ -455,8 +455,7 @@ impl<B: Backend> ChunkedBuf<B> {
     pub fn new(values: Vec<f32>, chunk: usize) -> Self {
         assert!(chunk > 0, "chunk size must be positive");
         let n_chunks = values.len().div_ceil(chunk);
-        let data: Box<[std::cell::UnsafeCell<f32>]> =
-            values.into_iter().map(std::cell::UnsafeCell::new).collect();
+        let data: Box<[std::cell::UnsafeCell<f32>]> = values.into_iter().map(std::cell::UnsafeCell::new).collect();
         let track = (0..n_chunks).map(|_| B::Cell::new(())).collect();
         ChunkedBuf { data, chunk, track }
     }

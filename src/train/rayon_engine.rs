@@ -221,35 +221,40 @@ impl<W: Workload> RayonEngine<W> {
         }
         report.loss = if n_valid > 0 { (loss_sum / n_valid as f64) as f32 } else { f32::NAN };
         report.max_sphere_norm = max_norm as f32;
-        report.update_skipped = n_valid == 0;
         let mut timing = WorkerTiming { compute, micro_batches: spheres as u32, ..Default::default() };
-        match acc.grad {
+        let chunk = self.chunk;
+        let t1 = Instant::now();
+        let total = match acc.grad {
             Some(sum) => {
                 self.sum = sum;
-                let t1 = Instant::now();
-                let chunk = self.chunk;
-                let total: f64 = self.pool.install(|| self.sum.par_chunks(chunk).map(grad::sqnorm).sum());
-                let s = scaling(total, n_valid, clip_norm, clip_mode);
-                timing.reduce = t1.elapsed();
-                let t2 = Instant::now();
-                let (adamw, t, g) = (self.adamw, self.t + 1, &self.sum);
-                let (p, m, v) = (&mut self.params, &mut self.m, &mut self.v);
-                self.pool.install(|| {
-                    p.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).zip(m.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).for_each(
-                        |(((p, g), m), v)| adamw.update_chunk(p, g, m, v, t, lr, s.grad_scale),
-                    )
-                });
-                timing.optimizer = t2.elapsed();
-                report.grad_norm = s.grad_norm as f32;
-                report.clipped = s.clipped || sphere_clipped;
-                self.t = t;
-                self.consecutive_skipped = 0;
+                self.pool.install(|| self.sum.par_chunks(chunk).map(grad::sqnorm).sum::<f64>())
             }
-            None => {
-                report.grad_norm = f32::NAN;
-                report.clipped = false;
-                self.consecutive_skipped += 1;
-            }
+            None => f64::NAN,
+        };
+        timing.reduce = t1.elapsed();
+        // A sum of finite gradients can still overflow f32: skip such an update too.
+        report.update_skipped = !total.is_finite();
+        if !report.update_skipped {
+            let s = scaling(total, n_valid, clip_norm, clip_mode);
+            let t2 = Instant::now();
+            let (adamw, t, g) = (self.adamw, self.t + 1, &self.sum);
+            let (p, m, v) = (&mut self.params, &mut self.m, &mut self.v);
+            self.pool.install(|| {
+                p.par_chunks_mut(chunk)
+                    .zip(g.par_chunks(chunk))
+                    .zip(m.par_chunks_mut(chunk))
+                    .zip(v.par_chunks_mut(chunk))
+                    .for_each(|(((p, g), m), v)| adamw.update_chunk(p, g, m, v, t, lr, s.grad_scale))
+            });
+            timing.optimizer = t2.elapsed();
+            report.grad_norm = s.grad_norm as f32;
+            report.clipped = s.clipped || sphere_clipped;
+            self.t = t;
+            self.consecutive_skipped = 0;
+        } else {
+            report.grad_norm = f32::NAN;
+            report.clipped = false;
+            self.consecutive_skipped += 1;
         }
         report.adam_t = self.t;
         self.step = step;

@@ -275,12 +275,10 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         self.phase_wait(&mut tm)?;
 
         let mut clock = Clock::<B>::start();
-        if apply {
-            let mut total = 0.0f64;
-            for p in &self.partials {
-                // SAFETY: chunk norms are written before "reduced" and read only after it.
-                total += unsafe { p.with(|x| *x) };
-            }
+        let total = if apply { self.total_sqnorm() } else { f64::NAN };
+        // A sum of finite gradients can still overflow f32; every worker sees the same total,
+        // so all of them skip such an update together.
+        if apply && total.is_finite() {
             let s = scaling(total, n_valid, self.clip_norm, self.clip_mode);
             for c in (k..self.weights.num_chunks()).step_by(self.n_workers) {
                 self.update_chunk(c, ctl, s.grad_scale);
@@ -291,6 +289,17 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         // the coordinator after "done".
         unsafe { self.timings[k].with_mut(|t| *t = tm) };
         Ok(())
+    }
+
+    /// The squared norm of `sum`: the chunk norms added in chunk order (so independent of N).
+    fn total_sqnorm(&self) -> f64 {
+        let mut total = 0.0f64;
+        for p in &self.partials {
+            // SAFETY: chunk norms are written before "reduced" and read only after it (by the
+            // workers) or after "done" (by the coordinator).
+            total += unsafe { p.with(|x| *x) };
+        }
+        total
     }
 
     fn phase_wait(&self, tm: &mut WorkerTiming) -> std::result::Result<(), Poisoned> {
@@ -477,9 +486,8 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             self.weights.write_chunk(c, |p| {
                 self.sum.read_chunk(c, |g| {
                     self.adam_m.write_chunk(c, |m| {
-                        self.adam_v.write_chunk(c, |v| {
-                            self.adamw.update_chunk(p, g, m, v, ctl.t_next, ctl.lr, grad_scale)
-                        })
+                        self.adam_v
+                            .write_chunk(c, |v| self.adamw.update_chunk(p, g, m, v, ctl.t_next, ctl.lr, grad_scale))
                     })
                 })
             })
@@ -516,7 +524,7 @@ pub fn resolve_spheres(spheres: usize, rows: usize) -> usize {
     if spheres != 0 {
         return spheres;
     }
-    (1..=rows.clamp(1, 8)).rev().find(|s| rows % s == 0).unwrap_or(1)
+    (1..=rows.clamp(1, 8)).rev().find(|s| rows.is_multiple_of(*s)).unwrap_or(1)
 }
 
 /// Checks the options shared by every strategy; returns the resolved sphere count.
@@ -528,7 +536,7 @@ pub(crate) fn validate(opts: &TrainerOptions, rows: usize, seq: usize, num_param
         bail!("batch size and sequence length must be positive, got {rows}x{seq}");
     }
     let spheres = resolve_spheres(opts.spheres, rows);
-    if rows % spheres != 0 {
+    if !rows.is_multiple_of(spheres) {
         bail!("spheres ({spheres}) must divide the batch size ({rows})");
     }
     if !(opts.clip_norm.is_finite() && opts.clip_norm >= 0.0) {
@@ -750,7 +758,13 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         }
         let n = self.rows * self.seq;
         if inputs.len() != n || targets.len() != n {
-            bail!("batch must have {}x{} = {n} inputs and targets, got {} and {}", self.rows, self.seq, inputs.len(), targets.len());
+            bail!(
+                "batch must have {}x{} = {n} inputs and targets, got {} and {}",
+                self.rows,
+                self.seq,
+                inputs.len(),
+                targets.len()
+            );
         }
         if !(lr.is_finite() && lr >= 0.0) {
             bail!("learning rate must be finite and >= 0, got {lr}");
@@ -824,13 +838,9 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         }
         report.loss = if n_valid > 0 { (loss_sum / n_valid as f64) as f32 } else { f32::NAN };
         report.max_sphere_norm = max_norm as f32;
-        report.update_skipped = n_valid == 0;
-        if n_valid > 0 {
-            let mut total = 0.0f64;
-            for p in &sh.partials {
-                // SAFETY: read after "done"; workers are parked.
-                total += unsafe { p.with(|x| *x) };
-            }
+        let total = if n_valid > 0 { sh.total_sqnorm() } else { f64::NAN };
+        report.update_skipped = !total.is_finite();
+        if !report.update_skipped {
             let s = scaling(total, n_valid, sh.clip_norm, sh.clip_mode);
             report.grad_norm = s.grad_norm as f32;
             report.clipped = s.clipped || sphere_clipped;

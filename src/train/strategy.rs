@@ -61,10 +61,9 @@ impl fmt::Display for Strategy {
 impl FromStr for Strategy {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        Strategy::ALL
-            .into_iter()
-            .find(|x| x.name() == s)
-            .ok_or_else(|| crate::err!("unknown strategy '{s}' (expected model-lock, gradient-lock, segmented or rayon)"))
+        Strategy::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            crate::err!("unknown strategy '{s}' (expected model-lock, gradient-lock, segmented or rayon)")
+        })
     }
 }
 
