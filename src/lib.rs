@@ -18,18 +18,18 @@
 //! - [`bench`]: the scaling matrix and its report.
 //! - [`cli`]: the `cllm` command line.
 
-pub mod error;
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod grad;
 pub mod model;
 pub mod optim;
-pub mod grad;
 pub mod sync;
 pub mod train;
-pub mod data;
-pub mod checkpoint;
-pub mod generate;
-pub mod bench;
-pub mod cli;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};

@@ -185,7 +185,16 @@ fn oracle_ten_adamw_steps_match_pytorch() {
         worst = worst.max(r);
         println!("step {:>2}: cllm {loss:.7} pytorch {w:.7} rel {r:.2e}", i + 1);
         assert!(r <= 1e-4, "loss before AdamW update {}: {loss} vs PyTorch {w} (rel {r:.2e} > 1e-4)", i + 1);
-        cllm::optim::AdamWConfig::default().update_range(0..n, &mut params, &grads, &mut m, &mut v, (i + 1) as u64, 1e-3, 1.0);
+        cllm::optim::AdamWConfig::default().update_range(
+            0..n,
+            &mut params,
+            &grads,
+            &mut m,
+            &mut v,
+            (i + 1) as u64,
+            1e-3,
+            1.0,
+        );
     }
     println!("worst rel error over {} steps: {worst:.2e}", want.len());
 }
