@@ -21,8 +21,8 @@ pub const DEFAULT_STEPS: u64 = 1000;
 pub const DEFAULT_LR: f64 = 3e-3;
 /// Default seed (model initialisation and batch sampling).
 pub const DEFAULT_SEED: u64 = 1337;
-/// Default gradient-norm clip.
-pub const DEFAULT_CLIP_NORM: f32 = 1.0;
+/// Default global gradient-norm clip (the contract; 0 disables).
+pub const DEFAULT_CLIP_NORM: f32 = 10.0;
 /// Validation windows evaluated each time (fixed, so losses are comparable across a run).
 pub const DEFAULT_EVAL_WINDOWS: usize = 32;
 /// Bytes in the sample printed after training.
