@@ -51,7 +51,7 @@ fn run_one_step(e: &mut Engine<Std, TableWorkload>) -> cllm::train::StepReport {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn clipping_never_leaves_a_norm_above_the_bound_and_keeps_direction(

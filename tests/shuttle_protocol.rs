@@ -72,8 +72,8 @@ fn timed(name: &str, f: impl FnOnce()) {
     eprintln!("shuttle {name}: {:.1?}", t.elapsed());
 }
 
-const RANDOM_ITERS: usize = 3000;
-const PCT_ITERS: usize = 2000;
+const RANDOM_ITERS: usize = 10_000;
+const PCT_ITERS: usize = 5_000;
 const PCT_DEPTH: usize = 3;
 
 #[test]

@@ -200,14 +200,25 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         self.fault == Some(f)
     }
 
-    fn new_local(&self) -> Local<W> {
-        Local { scratch: None, grad: Vec::new(), valid: Vec::with_capacity(self.spheres) }
+    /// A worker's buffers, allocated up front: with ticket-based strategies a worker may get its
+    /// first micro-batch at any step, and a step after the first must not allocate.
+    fn new_local(&self, k: usize) -> Local<W> {
+        let (scratch, grad) = match self.strategy {
+            Strategy::Segmented if k < self.spheres => {
+                (Some(self.workload.new_scratch(self.rows_per_micro, self.seq)), Vec::new())
+            }
+            Strategy::GradientLock => {
+                (Some(self.workload.new_scratch(self.rows_per_micro, self.seq)), vec![0.0; self.workload.num_params()])
+            }
+            _ => (None, Vec::new()),
+        };
+        Local { scratch, grad, valid: Vec::with_capacity(self.spheres) }
     }
 
     /// The loop of spawned worker k (>= 1).
     fn worker_loop(&self, k: usize) {
         let _guard = PoisonOnUnwind(self);
-        let mut local = self.new_local();
+        let mut local = self.new_local(k);
         loop {
             if self.barrier.wait().is_err() {
                 return;
@@ -610,6 +621,11 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         #[cfg(not(any(feature = "loom", feature = "shuttle")))]
         let barrier = Barrier::new(n);
         let slot_count = if opts.strategy == Strategy::Segmented { spheres } else { 0 };
+        let model_slot = if opts.strategy == Strategy::ModelLock {
+            ModelSlot { scratch: Some(workload.new_scratch(rows / spheres, seq)), grad: vec![0.0; p] }
+        } else {
+            ModelSlot { scratch: None, grad: Vec::new() }
+        };
         let shared = Shared::<B, W> {
             workload,
             n_workers: n,
@@ -633,12 +649,12 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             partials: (0..n_chunks).map(|_| B::Cell::new(0.0)).collect(),
             timings: (0..n).map(|_| B::Cell::new(WorkerTiming::default())).collect(),
             next_mb: B::AtomicUsize::new(0),
-            model_lock: B::Mutex::new(ModelSlot { scratch: None, grad: Vec::new() }),
+            model_lock: B::Mutex::new(model_slot),
             grad_lock: B::Mutex::new(0),
             #[cfg(any(feature = "loom", feature = "shuttle"))]
             fault,
         };
-        let local0 = shared.new_local();
+        let local0 = shared.new_local(0);
         let shared = B::arc(shared);
         let mut engine = Engine {
             shared,
