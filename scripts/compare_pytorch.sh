@@ -34,21 +34,12 @@ for round in $(seq 1 "$ROUNDS"); do
       python3 - "$tmp/cllm/scaling.json" "$round" >>"$raw" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-c = r["cells"][0]
-print(json.dumps({"impl": "cllm", "round": int(sys.argv[2]), "config": r["config"]["name"] if isinstance(r["config"], dict) and "name" in r["config"] else r.get("config_name", ""),
-                  "threads": c["threads"], "median_step_ms": c["median_step_ms"], "tokens_per_s": c["tokens_per_s"]}))
+cell = next(c for c in r["cells"] if c["strategy"] == "segmented" and c["threads"] == max(x["threads"] for x in r["cells"]))
+print(json.dumps({"impl": "cllm", "round": int(sys.argv[2]), "config": r["config"], "threads": cell["threads"],
+                  "median_step_ms": cell["median_step_ms"], "tokens_per_s": cell["tokens_per_s"]}))
 PY
       .venv/bin/python scripts/pytorch_train.py --config "$config" --threads "$threads" --steps "$STEPS" \
         | python3 -c "import json,sys; d=json.load(sys.stdin); d['round']=$round; print(json.dumps(d))" >>"$raw"
-      # the cllm line may lack the config name: patch it from the loop variables
-      python3 - "$raw" "$config" <<'PY'
-import json, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-for l in lines:
-    if l["impl"] == "cllm" and not l.get("config"):
-        l["config"] = sys.argv[2]
-open(sys.argv[1], "w").write("".join(json.dumps(l) + "\n" for l in lines))
-PY
     done
   done
 done
