@@ -107,21 +107,6 @@ impl AdamWConfig {
     }
 }
 
-/// [`AdamWConfig::update_range`] with the default hyper-parameters (lr comes per call).
-#[allow(clippy::too_many_arguments)]
-pub fn update_range(
-    range: Range<usize>,
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    t: u64,
-    lr: f32,
-    grad_scale: f32,
-) {
-    AdamWConfig::default().update_range(range, params, grads, m, v, t, lr, grad_scale)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,18 +52,9 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// The compiler that built this binary is not recorded by cargo, so ask the one on PATH: on
-/// a bench machine it is the one that just built us.
+/// The compiler that built this binary, captured by build.rs.
 fn rustc_version() -> String {
-    std::process::Command::new("rustc")
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+    env!("CLLM_RUSTC_VERSION").to_string()
 }
 
 /// Process-wide CPU time and memory high-water mark at one instant.
