@@ -33,7 +33,7 @@ impl Workload for ConstGrad {
 
     fn new_scratch(&self, _rows: usize, _seq: usize) {}
 
-    fn compute(&self, _: &mut (), _: &[f32], _: &StepBatch, mb: usize, _: usize, grad: &mut [f32]) -> f32 {
+    fn compute(&self, _: &mut (), _: &[f32], _: u64, _: &StepBatch, mb: usize, _: usize, grad: &mut [f32]) -> f32 {
         grad.fill(1e-3 * (mb + 1) as f32);
         0.0
     }

@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::model::init::SplitMix64;
-use crate::model::{gpt::forward_with_layout, Activations, Model, ParamLayout};
+use crate::model::{gpt::forward_with_layout, Activations, Model, PackedWeights, ParamLayout};
 use crate::{bail, err};
 
 /// How to sample.
@@ -43,6 +43,8 @@ impl SampleOptions {
 pub struct Generator<'a> {
     model: &'a Model,
     layout: ParamLayout,
+    /// `model.params` packed for the GEMM kernel (the weights are fixed while generating).
+    packed: PackedWeights,
     acts: Activations,
     window: Vec<u32>,
     rng: SplitMix64,
@@ -63,9 +65,14 @@ impl<'a> Generator<'a> {
         let t = model.config.context;
         let start = prompt.len().saturating_sub(t);
         let window = prompt[start..].iter().map(|&b| u32::from(b)).collect();
+        let layout = ParamLayout::new(&model.config);
+        // The weights do not change while generating: pack them once for every forward pass.
+        let mut packed = PackedWeights::new(&layout);
+        packed.pack(&layout, &model.params);
         Ok(Generator {
             model,
-            layout: ParamLayout::new(&model.config),
+            packed,
+            layout,
             acts: Activations::new(&model.config, 1, t),
             window,
             rng: SplitMix64::new(opts.seed),
@@ -76,7 +83,8 @@ impl<'a> Generator<'a> {
     /// The next byte, which also joins the window.
     pub fn next_byte(&mut self) -> u8 {
         let t = self.window.len();
-        forward_with_layout(&self.layout, &self.model.params, &mut self.acts, &self.window, None, 1, t);
+        let (params, packed) = (&self.model.params, Some(&self.packed));
+        forward_with_layout(&self.layout, params, packed, &mut self.acts, &self.window, None, 1, t);
         let probs = self.acts.probs_at(0, t - 1);
         let u = self.rng.next_f64();
         let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u);

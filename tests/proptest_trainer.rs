@@ -18,7 +18,7 @@ impl Workload for TableWorkload {
         self.grads[0].len()
     }
     fn new_scratch(&self, _rows: usize, _seq: usize) {}
-    fn compute(&self, _: &mut (), _: &[f32], _: &StepBatch, mb: usize, _: usize, grad: &mut [f32]) -> f32 {
+    fn compute(&self, _: &mut (), _: &[f32], _: u64, _: &StepBatch, mb: usize, _: usize, grad: &mut [f32]) -> f32 {
         grad.copy_from_slice(&self.grads[mb]);
         mb as f32
     }

@@ -82,6 +82,32 @@ pub fn gemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b:
     gemm_with(backend(), m, n, k, c, c_rs, a, b, accumulate)
 }
 
+/// [`gemm`] where `packed`, when given, holds `b` already packed for the native kernel (a
+/// weight packed once per step and reused by every micro-batch). The result is the same bits
+/// either way: the native kernel reads the same panels in the same order; other backends
+/// ignore `packed`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn gemm_prepacked(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: Mat,
+    packed: Option<&super::kernel::PackedB>,
+    accumulate: bool,
+) {
+    match packed {
+        Some(p) if backend() == Backend::Native => {
+            assert!(p.k() == k && p.n() == n, "gemm: packed B is {}x{}, the product needs {k}x{n}", p.k(), p.n());
+            super::kernel::gemm_packed(m, c, c_rs, a, p, accumulate)
+        }
+        _ => gemm(m, n, k, c, c_rs, a, b, accumulate),
+    }
+}
+
 /// [`gemm`] with an explicit backend.
 #[allow(clippy::too_many_arguments)]
 #[inline]

@@ -2,6 +2,7 @@
 
 use super::activations::Activations;
 use super::layers::*;
+use super::packed::PackedWeights;
 use super::params::ParamLayout;
 use crate::config::ModelConfig;
 use std::ops::Range;
@@ -30,13 +31,16 @@ pub fn forward(
     t: usize,
 ) -> f32 {
     let layout = ParamLayout::new(cfg);
-    forward_with_layout(&layout, params, acts, inputs, targets, b, t)
+    forward_with_layout(&layout, params, None, acts, inputs, targets, b, t)
 }
 
-/// [`forward`] with a precomputed layout.
+/// [`forward`] with a precomputed layout and, optionally, the weights prepacked from the same
+/// `params` (faster, same bits).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_with_layout(
     layout: &ParamLayout,
     params: &[f32],
+    packed: Option<&PackedWeights>,
     acts: &mut Activations,
     inputs: &[u32],
     targets: Option<&[u32]>,
@@ -53,6 +57,9 @@ pub fn forward_with_layout(
         acts.cap_t
     );
     assert_eq!(acts.config, cfg, "activations were sized for another config");
+    if let Some(pw) = packed {
+        assert_eq!(pw.blocks.len(), cfg.layers, "packed weights were sized for another config");
+    }
     let n = b * t;
     assert_eq!(inputs.len(), n, "inputs must hold b*t tokens");
     assert!(inputs.iter().all(|&x| (x as usize) < v), "input token out of vocabulary range");
@@ -78,6 +85,7 @@ pub fn forward_with_layout(
     );
     for l in 0..cfg.layers {
         let p = &layout.blocks[l];
+        let pk = packed.map(|pw| &pw.blocks[l]);
         let (prev, rest) = acts.blocks.split_at_mut(l);
         let a = &mut rest[0];
         let resid: &[f32] = if l == 0 { &acts.encoded[..n * c] } else { &prev[l - 1].res3[..n * c] };
@@ -95,6 +103,7 @@ pub fn forward_with_layout(
             &mut a.qkv[..n * 3 * c],
             &a.ln1[..n * c],
             view(params, p.qkv_w, c * 3 * c),
+            pk.map(|b| &b.qkv.fwd),
             view(params, p.qkv_b, 3 * c),
             n,
             c,
@@ -105,6 +114,7 @@ pub fn forward_with_layout(
             &mut a.res2[..n * c],
             &a.atty[..n * c],
             view(params, p.proj_w, c * c),
+            pk.map(|b| &b.proj.fwd),
             view(params, p.proj_b, c),
             n,
             c,
@@ -127,6 +137,7 @@ pub fn forward_with_layout(
             &mut a.fch[..n * 4 * c],
             &a.ln2[..n * c],
             view(params, p.fc_w, c * 4 * c),
+            pk.map(|b| &b.fc.fwd),
             view(params, p.fc_b, 4 * c),
             n,
             c,
@@ -137,6 +148,7 @@ pub fn forward_with_layout(
             &mut a.res3[..n * c],
             &a.fch_gelu[..n * 4 * c],
             view(params, p.fcproj_w, 4 * c * c),
+            pk.map(|b| &b.fcproj.fwd),
             view(params, p.fcproj_b, c),
             n,
             4 * c,
@@ -161,7 +173,7 @@ pub fn forward_with_layout(
         c,
     );
     // logits[N,V] = lnf[N,C] · wteᵀ (tied head)
-    super::gemm::gemm(
+    super::gemm::gemm_prepacked(
         n,
         v,
         c,
@@ -169,6 +181,7 @@ pub fn forward_with_layout(
         v,
         super::gemm::Mat::rows(&acts.lnf[..n * c], c),
         super::gemm::Mat::transposed(view(params, layout.wte, v * c), c),
+        packed.map(|pw| &pw.head.fwd),
         false,
     );
     match targets {
@@ -190,11 +203,18 @@ fn is_gemm_written(name: &str) -> bool {
 /// thread runs it.
 pub fn backward(cfg: &ModelConfig, params: &[f32], acts: &mut Activations, grads: &mut [f32]) {
     let layout = ParamLayout::new(cfg);
-    backward_with_layout(&layout, params, acts, grads)
+    backward_with_layout(&layout, params, None, acts, grads)
 }
 
-/// [`backward`] with a precomputed layout.
-pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Activations, grads: &mut [f32]) {
+/// [`backward`] with a precomputed layout and, optionally, the weights prepacked from the same
+/// `params` (faster, same bits).
+pub fn backward_with_layout(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    grads: &mut [f32],
+) {
     let cfg = layout.config;
     let (v, c, nh) = (cfg.vocab, cfg.embed, cfg.heads);
     let (b, t) = (acts.b, acts.t);
@@ -215,8 +235,12 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
     let dlogits = &acts.probs[..n * v];
     let wte = view(params, layout.wte, v * c);
     // dlnf[N,C] = dlogits · wte ; dwte += dlogitsᵀ · lnf
-    use super::gemm::{gemm, Mat};
-    gemm(n, c, v, &mut acts.d_ln[..n * c], c, Mat::rows(dlogits, v), Mat::rows(wte, c), false);
+    use super::gemm::{gemm, gemm_prepacked, Mat};
+    if let Some(pw) = packed {
+        assert_eq!(pw.blocks.len(), cfg.layers, "packed weights were sized for another config");
+    }
+    let head_bwd = packed.map(|pw| &pw.head.bwd);
+    gemm_prepacked(n, c, v, &mut acts.d_ln[..n * c], c, Mat::rows(dlogits, v), Mat::rows(wte, c), head_bwd, false);
     gemm(
         v,
         c,
@@ -252,6 +276,7 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
 
     for l in (0..cfg.layers).rev() {
         let p = &layout.blocks[l];
+        let pk = packed.map(|pw| &pw.blocks[l]);
         let a = &acts.blocks[l];
         let resid: &[f32] = if l == 0 { &acts.encoded[..n * c] } else { &acts.blocks[l - 1].res3[..n * c] };
         let d_ln = &mut acts.d_ln[..n * c];
@@ -267,6 +292,7 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
                 d_res,
                 &a.fch_gelu[..n * 4 * c],
                 view(params, p.fcproj_w, 4 * c * c),
+                pk.map(|b| &b.fcproj.bwd),
                 n,
                 4 * c,
                 c,
@@ -276,7 +302,19 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
         gelu_backward_inplace(d_big, &a.fch[..n * 4 * c]);
         {
             let (dw, db) = two_mut(grads, p.fc_w..p.fc_w + c * 4 * c, p.fc_b..p.fc_b + 4 * c);
-            linear_backward(d_ln, dw, db, d_big, &a.ln2[..n * c], view(params, p.fc_w, c * 4 * c), n, c, 4 * c, false);
+            linear_backward(
+                d_ln,
+                dw,
+                db,
+                d_big,
+                &a.ln2[..n * c],
+                view(params, p.fc_w, c * 4 * c),
+                pk.map(|b| &b.fc.bwd),
+                n,
+                c,
+                4 * c,
+                false,
+            );
         }
         {
             let (dw, db) = two_mut(grads, p.ln2_w..p.ln2_w + c, p.ln2_b..p.ln2_b + c);
@@ -297,7 +335,19 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
         // Attention half: res2 = resid + c_proj(attn(c_attn(ln_1(resid))))
         {
             let (dw, db) = two_mut(grads, p.proj_w..p.proj_w + c * c, p.proj_b..p.proj_b + c);
-            linear_backward(d_ln, dw, db, d_res, &a.atty[..n * c], view(params, p.proj_w, c * c), n, c, c, false);
+            linear_backward(
+                d_ln,
+                dw,
+                db,
+                d_res,
+                &a.atty[..n * c],
+                view(params, p.proj_w, c * c),
+                pk.map(|b| &b.proj.bwd),
+                n,
+                c,
+                c,
+                false,
+            );
         }
         let d_qkv = &mut acts.d_qkv[..n * 3 * c];
         attention_backward(
@@ -313,7 +363,19 @@ pub fn backward_with_layout(layout: &ParamLayout, params: &[f32], acts: &mut Act
         );
         {
             let (dw, db) = two_mut(grads, p.qkv_w..p.qkv_w + c * 3 * c, p.qkv_b..p.qkv_b + 3 * c);
-            linear_backward(d_ln, dw, db, d_qkv, &a.ln1[..n * c], view(params, p.qkv_w, c * 3 * c), n, c, 3 * c, false);
+            linear_backward(
+                d_ln,
+                dw,
+                db,
+                d_qkv,
+                &a.ln1[..n * c],
+                view(params, p.qkv_w, c * 3 * c),
+                pk.map(|b| &b.qkv.bwd),
+                n,
+                c,
+                3 * c,
+                false,
+            );
         }
         {
             let (dw, db) = two_mut(grads, p.ln1_w..p.ln1_w + c, p.ln1_b..p.ln1_b + c);

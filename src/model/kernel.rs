@@ -143,6 +143,13 @@ impl PackedB {
         p
     }
 
+    /// A `k x n` packing of zeros, to be filled by [`PackedB::repack`].
+    pub fn zeros(k: usize, n: usize) -> PackedB {
+        let mut p = PackedB { k, n, buf: AlignedBuf::default() };
+        p.buf.resize(n.div_ceil(NR) * k * NR).fill(0.0);
+        p
+    }
+
     /// Packs new values of the same shape into the existing allocation.
     pub fn repack(&mut self, b: Mat) {
         let (k, n) = (self.k, self.n);
@@ -492,7 +499,8 @@ fn prologue(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: &Mat, a
 }
 
 /// `C[m, n] = A[m, k] · B` (or `C += A·B` when `accumulate`), B prepacked (`k = b.k()`,
-/// `n = b.n()`), C row-major with row stride `c_rs`. Allocates nothing.
+/// `n = b.n()`), C row-major with row stride `c_rs`. Gives the same bits as [`sgemm`] on the
+/// unpacked B. Copies only A, and only when it is large (into the per-thread scratch).
 pub fn gemm_packed(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
     gemm_packed_with(m, c, c_rs, a, b, accumulate, simd_available());
 }
@@ -500,7 +508,8 @@ pub fn gemm_packed(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, ac
 fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool, simd: bool) {
     let (n, k) = (b.n, b.k);
     if prologue(m, n, k, c, c_rs, &a, accumulate) {
-        blocked(m, n, k, c, c_rs, a, BSrc { data: b.buf.as_slice(), ks: NR, ps: k * NR }, accumulate, simd);
+        let bsrc = BSrc { data: b.buf.as_slice(), ks: NR, ps: k * NR };
+        SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, accumulate, simd));
     }
 }
 
@@ -526,26 +535,44 @@ fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, 
         // B is always packed: read in place, its rows' power-of-two strides would map a
         // micro-panel onto a few L1 sets.
         let bsrc = BSrc { data: bbuf.as_slice(), ks: NR, ps: k * NR };
-        // A is read in place when it fits one M block (row-major) or two (column-major: the
-        // transposed activations of dW = X^T·dY); beyond that its strided rows thrash L2, so it
-        // is packed into 6-row panels. Other strides are packed when many column panels reuse
-        // them (else `blocked` packs tile by tile on the stack).
-        let pack_a = if a.cs == 1 {
-            m > MC
-        } else if a.rs == 1 {
-            m > 2 * MC
-        } else {
-            n.div_ceil(NR) > 2
-        };
-        if pack_a {
-            let panels = m.div_ceil(MR);
-            let ap = abuf.resize(panels * k * MR);
-            pack_a_into(ap, m, k, a, blocking(m, k).2);
-            blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, accumulate, simd);
-        } else {
-            blocked(m, n, k, c, c_rs, a, bsrc, accumulate, simd);
-        }
+        run_a(m, n, k, c, c_rs, a, bsrc, abuf, accumulate, simd);
     });
+}
+
+/// The product with B packed: decides whether A is packed (into `abuf`) or read in place.
+/// Either way the arithmetic is the same, so this choice never changes the result's bits.
+#[allow(clippy::too_many_arguments)]
+fn run_a(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    bsrc: BSrc,
+    abuf: &mut AlignedBuf,
+    accumulate: bool,
+    simd: bool,
+) {
+    // A is read in place when it fits one M block (row-major) or two (column-major: the
+    // transposed activations of dW = X^T·dY); beyond that its strided rows thrash L2, so it
+    // is packed into 6-row panels. Other strides are packed when many column panels reuse
+    // them (else `blocked` packs tile by tile on the stack).
+    let pack_a = if a.cs == 1 {
+        m > MC
+    } else if a.rs == 1 {
+        m > 2 * MC
+    } else {
+        n.div_ceil(NR) > 2
+    };
+    if pack_a {
+        let panels = m.div_ceil(MR);
+        let ap = abuf.resize(panels * k * MR);
+        pack_a_into(ap, m, k, a, blocking(m, k).2);
+        blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, accumulate, simd);
+    } else {
+        blocked(m, n, k, c, c_rs, a, bsrc, accumulate, simd);
+    }
 }
 
 /// Packs `a` (`m x k`) into panels of `k * MR`, one per row tile of [`row_tiles`] over the
@@ -815,19 +842,21 @@ mod tests {
     #[test]
     fn deterministic_and_entry_points_agree() {
         let mut rng = Rng(4242);
-        let (m, n, k) = (128, 272, 600);
-        let a = rng.vec(m * k);
-        let b = rng.vec(k * n);
-        let pb = PackedB::pack(k, n, Mat::rows(&b, n));
-        let mut first = vec![0.0f32; m * n];
-        gemm_packed(m, &mut first, n, Mat::rows(&a, k), &pb, false);
-        for _ in 0..3 {
-            let mut c = vec![1.0f32; m * n];
-            gemm_packed(m, &mut c, n, Mat::rows(&a, k), &pb, false);
-            assert!(c.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
-            let mut c2 = vec![2.0f32; m * n];
-            sgemm(m, n, k, &mut c2, n, Mat::rows(&a, k), Mat::rows(&b, n), false);
-            assert!(c2.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // m = 128 reads A in place; m = 300 spans three M blocks, so A is packed first.
+        for (m, n, k) in [(128, 272, 600), (300, 100, 70)] {
+            let a = rng.vec(m * k);
+            let b = rng.vec(k * n);
+            let pb = PackedB::pack(k, n, Mat::rows(&b, n));
+            let mut first = vec![0.0f32; m * n];
+            gemm_packed(m, &mut first, n, Mat::rows(&a, k), &pb, false);
+            for _ in 0..3 {
+                let mut c = vec![1.0f32; m * n];
+                gemm_packed(m, &mut c, n, Mat::rows(&a, k), &pb, false);
+                assert!(c.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+                let mut c2 = vec![2.0f32; m * n];
+                sgemm(m, n, k, &mut c2, n, Mat::rows(&a, k), Mat::rows(&b, n), false);
+                assert!(c2.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
         }
     }
 

@@ -2,7 +2,8 @@
 //! function; N = B·T rows. Backward functions ACCUMULATE into gradients unless the comment
 //! says "overwrites".
 
-use super::gemm::{gemm, Mat};
+use super::gemm::{gemm, gemm_prepacked, Mat};
+use super::kernel::PackedB;
 
 /// LayerNorm epsilon, as GPT-2.
 pub const LN_EPS: f32 = 1e-5;
@@ -135,17 +136,28 @@ pub fn layernorm_backward(
 // Linear (Conv1D convention: w is [IC, OC], y = x·w + b)
 // ---------------------------------------------------------------------------------------
 
-/// out[N,OC] = inp[N,IC] · w[IC,OC] + bias[OC]
-pub fn linear_forward(out: &mut [f32], inp: &[f32], w: &[f32], bias: &[f32], n: usize, ic: usize, oc: usize) {
+/// out[N,OC] = inp[N,IC] · w[IC,OC] + bias[OC]; `packed`, if given, is `w` already packed.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    packed: Option<&PackedB>,
+    bias: &[f32],
+    n: usize,
+    ic: usize,
+    oc: usize,
+) {
     for r in 0..n {
         out[r * oc..][..oc].copy_from_slice(&bias[..oc]);
     }
-    gemm(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), true);
+    gemm_prepacked(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), packed, true);
 }
 
 /// dinp[N,IC] (overwrites, or accumulates when `accumulate_dinp`) = dout · wᵀ;
 /// dw[IC,OC] = inpᵀ · dout (overwrites: each weight is used once per pass, and writing
 /// instead of accumulating spares zeroing the whole gradient buffer); dbias[OC] += Σ_rows dout.
+/// `packed_t`, if given, is `wᵀ` already packed.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dinp: &mut [f32],
@@ -154,12 +166,13 @@ pub fn linear_backward(
     dout: &[f32],
     inp: &[f32],
     w: &[f32],
+    packed_t: Option<&PackedB>,
     n: usize,
     ic: usize,
     oc: usize,
     accumulate_dinp: bool,
 ) {
-    gemm(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), accumulate_dinp);
+    gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, accumulate_dinp);
     gemm(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), false);
     bias_backward(dbias, dout, n, oc);
 }

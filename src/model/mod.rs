@@ -6,10 +6,12 @@ pub mod gpt;
 pub mod init;
 pub mod kernel;
 pub mod layers;
+pub mod packed;
 pub mod params;
 pub mod weights;
 
 pub use activations::Activations;
 pub use gpt::{backward, forward};
+pub use packed::PackedWeights;
 pub use params::{BlockOffsets, ParamLayout, TensorSpec};
 pub use weights::{load_safetensors, save_safetensors, Model};

@@ -67,6 +67,8 @@ pub struct RayonEngine<W: Workload> {
     inject_nan: Vec<(u64, usize)>,
     max_skipped_steps: usize,
     step: u64,
+    /// Steps run by this engine: the weights version the workload sees.
+    published: u64,
     t: u64,
     consecutive_skipped: usize,
 }
@@ -100,6 +102,7 @@ impl<W: Workload> RayonEngine<W> {
             inject_nan: opts.inject_nan.clone(),
             max_skipped_steps: opts.max_skipped_steps,
             step: 0,
+            published: 0,
             t: 0,
             consecutive_skipped: 0,
         })
@@ -165,6 +168,9 @@ impl<W: Workload> RayonEngine<W> {
         self.batch.inputs.copy_from_slice(inputs);
         self.batch.targets.copy_from_slice(targets);
         let step = self.step + 1;
+        // Names this step's weights for the workload's caches; private, so never repeats.
+        self.published += 1;
+        let version = self.published;
         let (workload, batch, params, scratch) = (&self.workload, &self.batch, &self.params, &self.scratch);
         let (spheres, clip_norm, clip_mode, inject) = (self.spheres, self.clip_norm, self.clip_mode, &self.inject_nan);
         let (rows, seq) = (batch.rows / spheres, batch.seq);
@@ -179,7 +185,7 @@ impl<W: Workload> RayonEngine<W> {
                         let mut slot = scratch[idx].lock().unwrap_or_else(|e| e.into_inner());
                         let s = slot.get_or_insert_with(|| workload.new_scratch(rows, seq));
                         let mut g = vec![0.0f32; params.len()];
-                        let loss = workload.compute(s, params, batch, mb, spheres, &mut g);
+                        let loss = workload.compute(s, params, version, batch, mb, spheres, &mut g);
                         if inject.contains(&(step, mb)) {
                             g[0] = f32::NAN;
                         }

@@ -33,6 +33,7 @@ pub struct Reference<W: Workload> {
     spheres: usize,
     scratch: W::Scratch,
     grad: Vec<f32>,
+    published: u64,
 }
 
 impl<W: Workload> Reference<W> {
@@ -52,18 +53,22 @@ impl<W: Workload> Reference<W> {
             spheres,
             scratch,
             grad: vec![0.0; p],
+            published: 0,
         }
     }
 
     pub fn step(&mut self, batch: &StepBatch, lr: f32) -> ReferenceStep {
         self.step += 1;
+        // The weights version for the workload's caches: `step` is public and may be rewound.
+        self.published += 1;
         let (s, o) = (self.spheres, &self.opts);
         let mut n_valid = 0usize;
         let mut skipped = Vec::new();
         let mut loss = 0.0f64;
         let mut sphere_clipped = false;
         for mb in 0..s {
-            let l = self.workload.compute(&mut self.scratch, &self.params, batch, mb, s, &mut self.grad);
+            let l =
+                self.workload.compute(&mut self.scratch, &self.params, self.published, batch, mb, s, &mut self.grad);
             if o.inject_nan.contains(&(self.step, mb)) {
                 self.grad[0] = f32::NAN;
             }

@@ -14,7 +14,7 @@ use crate::checkpoint::{self, Checkpoint, DataRecord, RunOptions, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
-use crate::model::{gpt::forward_with_layout, Activations, Model, ParamLayout};
+use crate::model::{gpt::forward_with_layout, Activations, Model, PackedWeights, ParamLayout};
 
 /// Windows evaluated per forward pass.
 pub const EVAL_BATCH: usize = 8;
@@ -80,6 +80,8 @@ pub fn evaluate(
             let (layout, batches) = (&layout, &batches);
             s.spawn(move || {
                 let mut acts = Activations::new(config, EVAL_BATCH, t);
+                let mut packed = PackedWeights::new(layout);
+                packed.pack(layout, params);
                 let mut inputs = Vec::with_capacity(EVAL_BATCH * t);
                 let mut targets = Vec::with_capacity(EVAL_BATCH * t);
                 for (k, slot) in mine {
@@ -91,7 +93,8 @@ pub fn evaluate(
                         targets.extend(y.iter().map(|&b| u32::from(b)));
                     }
                     let b = batch.len();
-                    let mean = forward_with_layout(layout, params, &mut acts, &inputs, Some(&targets), b, t);
+                    let mean =
+                        forward_with_layout(layout, params, Some(&packed), &mut acts, &inputs, Some(&targets), b, t);
                     *slot = f64::from(mean) * (b * t) as f64;
                 }
             });

@@ -70,6 +70,9 @@ struct Control {
     t_next: u64,
     lr: f32,
     shutdown: bool,
+    /// Names the weights of this step for [`Workload::compute`]'s caches: a counter private to
+    /// the engine, bumped every step, so it never repeats even if `set_step` rewinds `step`.
+    weights_version: u64,
 }
 
 /// What the worker that computed a micro-batch learned about it.
@@ -336,7 +339,9 @@ impl<B: Backend, W: Workload> Shared<B, W> {
                 self.batch.with(|b| {
                     // The workload is pure math (no sync operations), so catching its panic here
                     // cannot swallow a model checker's own failure.
-                    catch_unwind(AssertUnwindSafe(|| self.workload.compute(scratch, w, b, m, self.spheres, grad)))
+                    catch_unwind(AssertUnwindSafe(|| {
+                        self.workload.compute(scratch, w, ctl.weights_version, b, m, self.spheres, grad)
+                    }))
                 })
             })
         };
@@ -522,6 +527,8 @@ pub struct Engine<B: Backend, W: Workload> {
     rows: usize,
     seq: usize,
     step: u64,
+    /// Steps published by this engine (the `weights_version` of the next is this + 1).
+    published: u64,
     t: u64,
     consecutive_skipped: usize,
     max_skipped_steps: usize,
@@ -664,6 +671,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             rows,
             seq,
             step: 0,
+            published: 0,
             t: 0,
             consecutive_skipped: 0,
             max_skipped_steps: opts.max_skipped_steps,
@@ -788,6 +796,8 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         let wall = Clock::<B>::start();
         let sh = &*self.shared;
         let step = self.step + 1;
+        self.published += 1;
+        let ctl = Control { step, t_next: self.t + 1, lr, shutdown: false, weights_version: self.published };
         // SAFETY: `&mut self` and `in_step == false` mean every worker is parked at "start", so
         // nothing reads the batch or the control block until the wait below.
         unsafe {
@@ -795,7 +805,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
                 b.inputs.copy_from_slice(inputs);
                 b.targets.copy_from_slice(targets);
             });
-            sh.control.with_mut(|c| *c = Control { step, t_next: self.t + 1, lr, shutdown: false });
+            sh.control.with_mut(|c| *c = ctl);
         }
         if sh.strategy != Strategy::Segmented {
             // Only the lock strategies use the ticket counter and the accumulator count (and
@@ -804,7 +814,6 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             sh.grad_lock.with(|c| *c = 0);
         }
         self.in_step = true;
-        let ctl = Control { step, t_next: self.t + 1, lr, shutdown: false };
         let ok = {
             let _guard = PoisonOnUnwind(sh);
             sh.barrier.wait().is_ok() && sh.run_step(0, &ctl, &mut self.local0).is_ok() && sh.barrier.wait().is_ok()

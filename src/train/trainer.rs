@@ -9,7 +9,8 @@ use crate::sync::Std;
 use crate::{bail, Result};
 
 enum Inner {
-    Spheres(Engine<Std, GptWorkload>),
+    // Boxed: the engine holds worker 0's buffers inline, much larger than the rayon engine.
+    Spheres(Box<Engine<Std, GptWorkload>>),
     Rayon(RayonEngine<GptWorkload>),
 }
 
@@ -46,7 +47,7 @@ impl Trainer {
         let params = std::mem::take(&mut model.params);
         let inner = match opts.strategy {
             Strategy::Rayon => Inner::Rayon(RayonEngine::new(workload, params, batch, seq, &opts)?),
-            _ => Inner::Spheres(Engine::new(workload, params, batch, seq, &opts)?),
+            _ => Inner::Spheres(Box::new(Engine::new(workload, params, batch, seq, &opts)?)),
         };
         Ok(Trainer { model, model_stale: true, batch, seq, opts, inner })
     }

@@ -6,7 +6,7 @@
 //! checks and the protocol tests so that the checked code is the real protocol.
 
 use crate::config::ModelConfig;
-use crate::model::{self, Activations};
+use crate::model::{self, Activations, PackedWeights};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The token batch of one step: `rows` sequences of `seq` tokens, row-major.
@@ -48,10 +48,17 @@ pub trait Workload: Send + Sync + 'static {
 
     /// Overwrites `grad` with d(mean loss of micro-batch `mb` of `spheres`)/d(weights) and
     /// returns that mean loss. Must not depend on which thread calls it.
+    ///
+    /// `weights_version` names the weights: callers pass a new version whenever the weights
+    /// may have changed (the engines pass a per-engine counter bumped every step) and the same
+    /// version only for the same weights, so a workload may cache in `scratch` what it derives
+    /// from them (the GPT workload's packed weights).
+    #[allow(clippy::too_many_arguments)]
     fn compute(
         &self,
         scratch: &mut Self::Scratch,
         weights: &[f32],
+        weights_version: u64,
         batch: &StepBatch,
         mb: usize,
         spheres: usize,
@@ -73,21 +80,34 @@ impl GptWorkload {
     }
 }
 
+/// A worker's buffers for [`GptWorkload`]: activations, and the weights packed for the GEMM
+/// kernel once per weights version (then reused by every micro-batch the worker computes).
+pub struct GptScratch {
+    pub acts: Activations,
+    packed: PackedWeights,
+    packed_version: Option<u64>,
+}
+
 impl Workload for GptWorkload {
-    type Scratch = Activations;
+    type Scratch = GptScratch;
 
     fn num_params(&self) -> usize {
         self.layout.num_params()
     }
 
-    fn new_scratch(&self, rows: usize, seq: usize) -> Activations {
-        Activations::new(&self.config, rows, seq)
+    fn new_scratch(&self, rows: usize, seq: usize) -> GptScratch {
+        GptScratch {
+            acts: Activations::new(&self.config, rows, seq),
+            packed: PackedWeights::new(&self.layout),
+            packed_version: None,
+        }
     }
 
     fn compute(
         &self,
-        acts: &mut Activations,
+        scratch: &mut GptScratch,
         weights: &[f32],
+        weights_version: u64,
         batch: &StepBatch,
         mb: usize,
         spheres: usize,
@@ -95,8 +115,28 @@ impl Workload for GptWorkload {
     ) -> f32 {
         let (inputs, targets) = batch.micro(mb, spheres);
         let rows = batch.rows_per_micro(spheres);
-        let loss = model::gpt::forward_with_layout(&self.layout, weights, acts, inputs, Some(targets), rows, batch.seq);
-        model::gpt::backward_with_layout(&self.layout, weights, acts, grad);
+        // Packed panels only serve the native kernel; the crate backends pack per call.
+        let packed = if model::gemm::backend() == model::gemm::Backend::Native {
+            if scratch.packed_version != Some(weights_version) {
+                scratch.packed.pack(&self.layout, weights);
+                scratch.packed_version = Some(weights_version);
+            }
+            Some(&scratch.packed)
+        } else {
+            None
+        };
+        let acts = &mut scratch.acts;
+        let loss = model::gpt::forward_with_layout(
+            &self.layout,
+            weights,
+            packed,
+            acts,
+            inputs,
+            Some(targets),
+            rows,
+            batch.seq,
+        );
+        model::gpt::backward_with_layout(&self.layout, weights, packed, acts, grad);
         loss
     }
 }
@@ -143,6 +183,7 @@ impl Workload for ScaleWorkload {
         &self,
         _scratch: &mut (),
         weights: &[f32],
+        _weights_version: u64,
         batch: &StepBatch,
         mb: usize,
         spheres: usize,
