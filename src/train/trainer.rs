@@ -9,9 +9,9 @@ use crate::sync::Std;
 use crate::{bail, Result};
 
 enum Inner {
-    // Boxed: the engine holds worker 0's buffers inline, much larger than the rayon engine.
+    // Boxed: both engines are hundreds of bytes, and a Trainer is moved around.
     Spheres(Box<Engine<Std, GptWorkload>>),
-    Rayon(RayonEngine<GptWorkload>),
+    Rayon(Box<RayonEngine<GptWorkload>>),
 }
 
 macro_rules! dispatch {
@@ -46,7 +46,7 @@ impl Trainer {
         let workload = GptWorkload::new(model.config);
         let params = std::mem::take(&mut model.params);
         let inner = match opts.strategy {
-            Strategy::Rayon => Inner::Rayon(RayonEngine::new(workload, params, batch, seq, &opts)?),
+            Strategy::Rayon => Inner::Rayon(Box::new(RayonEngine::new(workload, params, batch, seq, &opts)?)),
             _ => Inner::Spheres(Box::new(Engine::new(workload, params, batch, seq, &opts)?)),
         };
         Ok(Trainer { model, model_stale: true, batch, seq, opts, inner })
