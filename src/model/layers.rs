@@ -8,6 +8,86 @@ use super::kernel::PackedB;
 /// LayerNorm epsilon, as GPT-2.
 pub const LN_EPS: f32 = 1e-5;
 
+/// Partial sums kept by the reductions below: one 256-bit vector.
+const LANES: usize = 8;
+
+/// Adds the lanes of a partial-sum vector in a fixed tree order.
+#[inline(always)]
+fn combine_lanes(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Σ f(x[i]), element i going to partial sum i % 8. A plain running sum cannot vectorize
+/// (float addition does not reassociate); eight partial sums in a fixed order do, and the
+/// result is still a pure function of the input.
+#[inline(always)]
+fn sum_lanes_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for j in 0..LANES {
+            acc[j] += f(ch[j]);
+        }
+    }
+    for (j, &v) in chunks.remainder().iter().enumerate() {
+        acc[j] += f(v);
+    }
+    combine_lanes(&acc)
+}
+
+/// Σ x[i] (see [`sum_lanes_map`]).
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    sum_lanes_map(x, |v| v)
+}
+
+/// Σ a[i]·b[i] over the shorter length, with the partial sums of [`sum_lanes_map`].
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..LANES {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[j] += x * y;
+    }
+    combine_lanes(&acc)
+}
+
+/// Defines `pub fn $name` that runs its body compiled for AVX2+FMA when the CPU has them
+/// (detected once at run time) and for the baseline target otherwise, so the elementwise
+/// loops vectorize 8-wide without building the whole binary for one CPU.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) {
+            #[allow(clippy::too_many_arguments)]
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
+                    // `avx2`'s target_feature attribute requires.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------
 // Embedding
 // ---------------------------------------------------------------------------------------
@@ -58,76 +138,79 @@ pub fn encoder_backward(
 // LayerNorm
 // ---------------------------------------------------------------------------------------
 
-/// out[N,C] = (inp - mean) · rstd · w + b; saves mean[N], rstd[N] for the backward pass.
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    n: usize,
-    c: usize,
-) {
-    for r in 0..n {
-        let x = &inp[r * c..][..c];
-        let mut s = 0.0f32;
-        for &v in x {
-            s += v;
+multiversion! {
+    /// out[N,C] = (inp - mean) · rstd · w + b; saves mean[N], rstd[N] for the backward pass.
+    pub fn layernorm_forward(
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        for r in 0..n {
+            let x = &inp[r * c..][..c];
+            let m = sum_lanes(x) / c as f32;
+            let var = sum_lanes_map(x, |v| (v - m) * (v - m));
+            let rs = 1.0 / (var / c as f32 + LN_EPS).sqrt();
+            let o = &mut out[r * c..][..c];
+            for i in 0..c {
+                o[i] = (x[i] - m) * rs * w[i] + bias[i];
+            }
+            mean[r] = m;
+            rstd[r] = rs;
         }
-        let m = s / c as f32;
-        let mut var = 0.0f32;
-        for &v in x {
-            let d = v - m;
-            var += d * d;
-        }
-        let rs = 1.0 / (var / c as f32 + LN_EPS).sqrt();
-        let o = &mut out[r * c..][..c];
-        for i in 0..c {
-            o[i] = (x[i] - m) * rs * w[i] + bias[i];
-        }
-        mean[r] = m;
-        rstd[r] = rs;
     }
 }
 
-/// dinp[N,C] += ..., dw[C] += ..., db[C] += ... (one pass per row over dout and inp).
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
-    n: usize,
-    c: usize,
-) {
-    for r in 0..n {
-        let x = &inp[r * c..][..c];
-        let d = &dout[r * c..][..c];
-        let (m, rs) = (mean[r], rstd[r]);
-        // Two reductions: mean of dnorm and mean of dnorm·norm, where dnorm = w·dout.
-        let mut dnorm_mean = 0.0f32;
-        let mut dnorm_norm_mean = 0.0f32;
-        for i in 0..c {
-            let norm = (x[i] - m) * rs;
-            let dn = w[i] * d[i];
-            dnorm_mean += dn;
-            dnorm_norm_mean += dn * norm;
-        }
-        dnorm_mean /= c as f32;
-        dnorm_norm_mean /= c as f32;
-        let di = &mut dinp[r * c..][..c];
-        for i in 0..c {
-            let norm = (x[i] - m) * rs;
-            let dn = w[i] * d[i];
-            db[i] += d[i];
-            dw[i] += norm * d[i];
-            di[i] += (dn - dnorm_mean - norm * dnorm_norm_mean) * rs;
+multiversion! {
+    /// dinp[N,C] += ..., dw[C] += ..., db[C] += ... (one pass per row over dout and inp).
+    pub fn layernorm_backward(
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        n: usize,
+        c: usize,
+    ) {
+        for r in 0..n {
+            let x = &inp[r * c..][..c];
+            let d = &dout[r * c..][..c];
+            let (m, rs) = (mean[r], rstd[r]);
+            // Two reductions: mean of dnorm and mean of dnorm·norm, where dnorm = w·dout.
+            let (mut s_dn, mut s_dnn) = ([0.0f32; LANES], [0.0f32; LANES]);
+            let full = c / LANES * LANES;
+            for i0 in (0..full).step_by(LANES) {
+                for j in 0..LANES {
+                    let i = i0 + j;
+                    let norm = (x[i] - m) * rs;
+                    let dn = w[i] * d[i];
+                    s_dn[j] += dn;
+                    s_dnn[j] += dn * norm;
+                }
+            }
+            for i in full..c {
+                let norm = (x[i] - m) * rs;
+                let dn = w[i] * d[i];
+                s_dn[i - full] += dn;
+                s_dnn[i - full] += dn * norm;
+            }
+            let dnorm_mean = combine_lanes(&s_dn) / c as f32;
+            let dnorm_norm_mean = combine_lanes(&s_dnn) / c as f32;
+            let di = &mut dinp[r * c..][..c];
+            for i in 0..c {
+                let norm = (x[i] - m) * rs;
+                let dn = w[i] * d[i];
+                db[i] += d[i];
+                dw[i] += norm * d[i];
+                di[i] += (dn - dnorm_mean - norm * dnorm_norm_mean) * rs;
+            }
         }
     }
 }
@@ -218,21 +301,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
                 let q_rows = Mat::strided(&q.data[r0 * c3..], c3, 1);
                 gemm(rb, r0 + rb, hd, &mut p[r0 * t..], t, q_rows, kt, false);
             }
-            for i in 0..t {
-                let row = &mut p[i * t..][..t];
-                let mx = row_max(&row[..=i]);
-                let mut sum = 0.0f32;
-                for s in &mut row[..=i] {
-                    let e = fast_exp((*s - mx) * scale);
-                    *s = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                for s in &mut row[..=i] {
-                    *s *= inv;
-                }
-                row[i + 1..].fill(0.0);
-            }
+            causal_softmax_rows(p, t, scale);
             for (r0, rb) in row_blocks(t) {
                 let o = &mut out[(bi * t + r0) * c + h * hd..];
                 gemm(rb, hd, r0 + rb, o, c, Mat::rows(&p[r0 * t..], t), v, false);
@@ -276,18 +345,7 @@ pub fn attention_backward(
                 gemm(jb, hd, t - j0, &mut dqkv[base + 2 * c + j0 * c3..], c3, pt, dout_rows, false);
             }
             // softmax backward, folding in the score scale: dS = P ⊙ (dP - rowsum(P ⊙ dP)) / √hd
-            for i in 0..t {
-                let pr = &p[i * t..][..t];
-                let dr = &mut ds[i * t..][..t];
-                let mut dot = 0.0f32;
-                for j in 0..=i {
-                    dot += pr[j] * dr[j];
-                }
-                for j in 0..=i {
-                    dr[j] = pr[j] * (dr[j] - dot) * scale;
-                }
-                dr[i + 1..].fill(0.0);
-            }
+            causal_softmax_backward_rows(p, ds, t, scale);
             // dQ = dS · K ; dK = dSᵀ · Q
             let k = Mat::strided(&qkv[base + c..], c3, 1);
             let q = Mat::strided(&qkv[base..], c3, 1);
@@ -297,6 +355,41 @@ pub fn attention_backward(
                 let q_rows = Mat::strided(&q.data[r0 * c3..], c3, 1);
                 gemm(rb, hd, t - r0, &mut dqkv[base + c + r0 * c3..], c3, dst, q_rows, false);
             }
+        }
+    }
+}
+
+multiversion! {
+    /// In place on a T×T score matrix: row i becomes softmax(scale · row[..=i]) followed by
+    /// zeros (the causal mask).
+    fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+        for i in 0..t {
+            let (live, masked) = p[i * t..][..t].split_at_mut(i + 1);
+            let mx = row_max(live);
+            for s in live.iter_mut() {
+                *s = fast_exp((*s - mx) * scale);
+            }
+            let inv = 1.0 / sum_lanes(live);
+            for s in live.iter_mut() {
+                *s *= inv;
+            }
+            masked.fill(0.0);
+        }
+    }
+}
+
+multiversion! {
+    /// In place, from dP to dS with the score scale folded in: dS = P ⊙ (dP - rowsum(P ⊙ dP))
+    /// · scale on and below the diagonal, zero above.
+    fn causal_softmax_backward_rows(p: &[f32], ds: &mut [f32], t: usize, scale: f32) {
+        for i in 0..t {
+            let pr = &p[i * t..][..=i];
+            let (live, masked) = ds[i * t..][..t].split_at_mut(i + 1);
+            let dot = dot_lanes(pr, live);
+            for (d, &pj) in live.iter_mut().zip(pr) {
+                *d = pj * (*d - dot) * scale;
+            }
+            masked.fill(0.0);
         }
     }
 }
@@ -328,32 +421,6 @@ pub fn fast_exp(x: f32) -> f32 {
     let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
     p * scale
-}
-
-/// Defines `pub fn $name` that runs its body compiled for AVX2+FMA when the CPU has them
-/// (detected once at run time) and for the baseline target otherwise, so the elementwise
-/// loops vectorize 8-wide without building the whole binary for one CPU.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
-                    // `avx2`'s target_feature attribute requires.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
 }
 
 /// GELU written as x·σ(2u), u = √(2/π)(x + 0.044715x³), which equals the tanh form
@@ -422,41 +489,29 @@ pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
 
 /// In place: logits[N,V] -> probs[N,V]; losses[N] = -ln probs[target]. Returns the mean loss.
 pub fn softmax_crossentropy_forward(probs: &mut [f32], losses: &mut [f32], targets: &[u32], n: usize, v: usize) -> f32 {
+    softmax_forward(probs, n, v);
     let mut total = 0.0f64;
     for r in 0..n {
-        let row = &mut probs[r * v..][..v];
-        let mx = row_max(row);
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            let e = fast_exp(*x - mx);
-            *x = e;
-            sum += e;
-        }
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
-        }
-        let l = -row[targets[r] as usize].ln();
+        let l = -probs[r * v + targets[r] as usize].ln();
         losses[r] = l;
         total += l as f64;
     }
     (total / n as f64) as f32
 }
 
-/// Softmax only (no targets), in place: logits[N,V] -> probs[N,V].
-pub fn softmax_forward(probs: &mut [f32], n: usize, v: usize) {
-    for r in 0..n {
-        let row = &mut probs[r * v..][..v];
-        let mx = row_max(row);
-        let mut sum = 0.0f32;
-        for x in row.iter_mut() {
-            let e = fast_exp(*x - mx);
-            *x = e;
-            sum += e;
-        }
-        let inv = 1.0 / sum;
-        for x in row.iter_mut() {
-            *x *= inv;
+multiversion! {
+    /// Softmax only (no targets), in place: logits[N,V] -> probs[N,V].
+    pub fn softmax_forward(probs: &mut [f32], n: usize, v: usize) {
+        for r in 0..n {
+            let row = &mut probs[r * v..][..v];
+            let mx = row_max(row);
+            for x in row.iter_mut() {
+                *x = fast_exp(*x - mx);
+            }
+            let inv = 1.0 / sum_lanes(row);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
         }
     }
 }
@@ -475,6 +530,20 @@ pub fn crossentropy_softmax_backward(dlogits: &mut [f32], targets: &[u32], n: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_sums_match_a_double_precision_sum_at_every_length() {
+        for n in 0..40 {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7).collect();
+            let sum: f64 = a.iter().map(|&x| x as f64).sum();
+            let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let sq: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
+            assert!((sum_lanes(&a) as f64 - sum).abs() < 1e-5, "sum, n={n}");
+            assert!((dot_lanes(&a, &b) as f64 - dot).abs() < 1e-5, "dot, n={n}");
+            assert!((sum_lanes_map(&a, |x| x * x) as f64 - sq).abs() < 1e-5, "sum of squares, n={n}");
+        }
+    }
 
     #[test]
     fn fast_exp_is_within_two_ulp_of_std_exp() {
