@@ -108,6 +108,43 @@ pub fn gemm_prepacked(
     }
 }
 
+/// `c[i, j] = bias[j] + (a·b)[i, j]` (a linear layer's forward), with `b` optionally
+/// prepacked as in [`gemm_prepacked`]. The native kernel adds the bias as it stores each tile;
+/// the crate backends get the bias copied into `c` first. Same bits either way.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias_prepacked(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: Mat,
+    packed: Option<&super::kernel::PackedB>,
+    bias: &[f32],
+) {
+    assert!(bias.len() >= n, "gemm: bias of {} values for {n} columns", bias.len());
+    match (backend(), packed) {
+        (Backend::Native, Some(p)) => {
+            assert!(p.k() == k && p.n() == n, "gemm: packed B is {}x{}, the product needs {k}x{n}", p.k(), p.n());
+            super::kernel::gemm_packed_bias(m, c, c_rs, a, p, &bias[..n])
+        }
+        (Backend::Native, None) => {
+            check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+            super::kernel::sgemm_bias(m, n, k, c, c_rs, a, b, &bias[..n])
+        }
+        _ => {
+            if m > 0 && n > 0 {
+                check_bounds("c", c.len(), m, n, c_rs, 1);
+            }
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].copy_from_slice(&bias[..n]);
+            }
+            gemm(m, n, k, c, c_rs, a, b, true)
+        }
+    }
+}
+
 /// [`gemm`] with an explicit backend.
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -233,6 +270,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn bias_product_adds_the_bias_to_every_row_packed_or_not() {
+        let (m, n, k) = (9, 21, 13);
+        let (a, b, bias) = (filled(m * k, 5), filled(k * n, 6), filled(n, 7));
+        let (am, bm) = (Mat::rows(&a, k), Mat::rows(&b, n));
+        let want = naive(m, n, k, am, bm);
+        let mut c = vec![f32::NAN; m * n];
+        gemm_bias_prepacked(m, n, k, &mut c, n, am, bm, None, &bias);
+        for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+            assert!((x - (y + bias[i % n])).abs() < 1e-5, "{x} vs {y} + bias");
+        }
+        let packed = super::super::kernel::PackedB::pack(k, n, bm);
+        let mut c2 = vec![f32::NAN; m * n];
+        gemm_bias_prepacked(m, n, k, &mut c2, n, am, bm, Some(&packed), &bias);
+        assert!(c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]

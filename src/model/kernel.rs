@@ -209,13 +209,53 @@ enum ALayout {
     Strided,
 }
 
+/// What a product's C starts from before `A·B` is added (per K block, the first block's
+/// choice; later K blocks always add to C).
+#[derive(Clone, Copy)]
+enum Init<'a> {
+    /// `C = A·B`.
+    Zero,
+    /// `C += A·B`.
+    C,
+    /// `C[i, j] = bias[j] + (A·B)[i, j]`: a linear layer's bias added as the tile is stored,
+    /// instead of copied into C and read back (same bits: the same single addition).
+    Bias(&'a [f32]),
+}
+
+impl<'a> Init<'a> {
+    fn new(accumulate: bool) -> Self {
+        if accumulate {
+            Init::C
+        } else {
+            Init::Zero
+        }
+    }
+
+    /// The mode of K block `kb` (only the first starts from zero or the bias).
+    fn for_block(self, kb: usize) -> Self {
+        if kb > 0 {
+            Init::C
+        } else {
+            self
+        }
+    }
+
+    /// This mode restricted to the columns `j0..j0 + nr` of a tile.
+    fn cols(self, j0: usize, nr: usize) -> Self {
+        match self {
+            Init::Bias(b) => Init::Bias(&b[j0..j0 + nr]),
+            other => other,
+        }
+    }
+}
+
 /// The shared blocked loop nest. `bp` holds `n.div_ceil(NR)` packed panels of `k * NR` each.
 /// `a_base` is the offset of A(0, 0) in `a.data`.
 ///
 /// The caller has bounds-checked C (`m x n`, row stride `c_rs`) and A (`m x k` in `a`), and
 /// `bp` has the packed length; `k > 0`, `m > 0`, `n > 0`.
 #[allow(clippy::too_many_arguments)]
-fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: BSrc, accumulate: bool, simd: bool) {
+fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: BSrc, init: Init, simd: bool) {
     let layout = if a.cs == 1 {
         ALayout::Rows
     } else if a.rs == 1 {
@@ -229,7 +269,7 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: 
     for kb in 0..nkb {
         let p0 = kb * kc_full;
         let kc = kc_full.min(k - p0);
-        let add = accumulate || kb > 0;
+        let init_kb = init.for_block(kb);
         for i_blk in (0..m).step_by(mc_full) {
             let mc = mc_full.min(m - i_blk);
             for jp in 0..npanels {
@@ -237,6 +277,7 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: 
                 let nr = NR.min(n - j0);
                 let b_off = jp * b.ps + p0 * b.ks;
                 let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
+                let init_tile = init_kb.cols(j0, nr);
                 for (i0, mr) in row_tiles(i_blk, mc) {
                     let c_off = i0 * c_rs + j0;
                     let c_len = (mr - 1) * c_rs + nr;
@@ -253,7 +294,7 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: 
                             (&stack[..], 1, MR)
                         }
                     };
-                    tile(mr, nr, kc, a_tile, rs, cs, b_tile, b.ks, c_tile, c_rs, add, simd);
+                    tile(mr, nr, kc, a_tile, rs, cs, b_tile, b.ks, c_tile, c_rs, init_tile, simd);
                 }
             }
         }
@@ -275,7 +316,7 @@ fn tile(
     b_ks: usize,
     c: &mut [f32],
     c_rs: usize,
-    add: bool,
+    init: Init,
     simd: bool,
 ) {
     // The bounds every kernel below relies on; cheap next to the tile's 2 * mr * 16 * kc flops.
@@ -283,6 +324,9 @@ fn tile(
     assert!((mr - 1) * rs + (kc - 1) * cs < a.len(), "kernel: A tile out of bounds");
     assert!(b_ks >= NR && b.len() >= (kc - 1) * b_ks + NR, "kernel: B tile out of bounds");
     assert!((mr - 1) * c_rs + nr <= c.len(), "kernel: C tile out of bounds");
+    if let Init::Bias(b) = init {
+        assert!(b.len() == nr, "kernel: bias tile has the wrong length");
+    }
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only true when `simd_available()` returned true (checked by the
@@ -291,25 +335,27 @@ fn tile(
         // element (i < mr, j < nr at i*c_rs + j) the kernel touches lies inside its slice.
         unsafe {
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            let add = matches!(init, Init::C);
+            let bias = if let Init::Bias(b) = init { b.as_ptr() } else { std::ptr::null() };
             match (mr, cs == 1) {
-                (6, true) => avx2::kernel::<6, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (5, true) => avx2::kernel::<5, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (4, true) => avx2::kernel::<4, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (3, true) => avx2::kernel::<3, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (2, true) => avx2::kernel::<2, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (1, true) => avx2::kernel::<1, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (6, false) => avx2::kernel::<6, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (5, false) => avx2::kernel::<5, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (4, false) => avx2::kernel::<4, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (3, false) => avx2::kernel::<3, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                (2, false) => avx2::kernel::<2, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
-                _ => avx2::kernel::<1, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add),
+                (6, true) => avx2::kernel::<6, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (5, true) => avx2::kernel::<5, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (4, true) => avx2::kernel::<4, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (3, true) => avx2::kernel::<3, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (2, true) => avx2::kernel::<2, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (1, true) => avx2::kernel::<1, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (6, false) => avx2::kernel::<6, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (5, false) => avx2::kernel::<5, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (4, false) => avx2::kernel::<4, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (3, false) => avx2::kernel::<3, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                (2, false) => avx2::kernel::<2, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
+                _ => avx2::kernel::<1, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
             }
         }
         return;
     }
     let _ = simd;
-    portable_tile(mr, nr, kc, a, rs, cs, b, b_ks, c, c_rs, add);
+    portable_tile(mr, nr, kc, a, rs, cs, b, b_ks, c, c_rs, init);
 }
 
 /// The portable microkernel: same blocking and summation order as the SIMD one, with separate
@@ -326,7 +372,7 @@ fn portable_tile(
     b_ks: usize,
     c: &mut [f32],
     c_rs: usize,
-    add: bool,
+    init: Init,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kc {
@@ -340,12 +386,18 @@ fn portable_tile(
     }
     for (i, acc_row) in acc.iter().enumerate().take(mr) {
         let crow = &mut c[i * c_rs..i * c_rs + nr];
-        if add {
-            for (x, &v) in crow.iter_mut().zip(acc_row) {
-                *x += v;
+        match init {
+            Init::C => {
+                for (x, &v) in crow.iter_mut().zip(acc_row) {
+                    *x += v;
+                }
             }
-        } else {
-            crow.copy_from_slice(&acc_row[..nr]);
+            Init::Bias(b) => {
+                for ((x, &v), &bj) in crow.iter_mut().zip(acc_row).zip(b) {
+                    *x = bj + v;
+                }
+            }
+            Init::Zero => crow.copy_from_slice(&acc_row[..nr]),
         }
     }
 }
@@ -363,7 +415,8 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available. For `i < M`, `p < kc`: `a + i*rs + p*cs` is readable;
     /// for `p < kc`: `b + p*b_ks .. + 16` is readable; for `i < M`, `j < nr <= 16`: `c + i*c_rs + j` is
-    /// writable and aliases neither input.
+    /// writable and aliases neither input. `bias` is null or `nr` readable values, added to each
+    /// row as it is stored (`add` must then be false).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel<const M: usize, const ROWS: bool>(
@@ -377,6 +430,7 @@ mod avx2 {
         c_rs: usize,
         nr: usize,
         add: bool,
+        bias: *const f32,
     ) {
         // Start pulling this tile's C rows in now; they are needed after the K loop. A
         // prefetch never faults, and `wrapping_add` keeps the address computation defined even
@@ -442,12 +496,16 @@ mod avx2 {
             left -= 1;
         }
         if nr == NR {
+            let bias_v = (!bias.is_null()).then(|| (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))));
             for i in 0..M {
                 let cr = c.add(i * c_rs);
                 let (mut v0, mut v1) = (acc0[i], acc1[i]);
                 if add {
                     v0 = _mm256_add_ps(_mm256_loadu_ps(cr), v0);
                     v1 = _mm256_add_ps(_mm256_loadu_ps(cr.add(8)), v1);
+                } else if let Some((b0, b1)) = bias_v {
+                    v0 = _mm256_add_ps(b0, v0);
+                    v1 = _mm256_add_ps(b1, v1);
                 }
                 _mm256_storeu_ps(cr, v0);
                 _mm256_storeu_ps(cr.add(8), v1);
@@ -460,7 +518,13 @@ mod avx2 {
                 let cr = c.add(i * c_rs);
                 for (j, &v) in tmp.iter().enumerate().take(nr) {
                     let x = cr.add(j);
-                    *x = if add { *x + v } else { v };
+                    *x = if add {
+                        *x + v
+                    } else if !bias.is_null() {
+                        *bias.add(j) + v
+                    } else {
+                        v
+                    };
                 }
             }
         }
@@ -480,16 +544,23 @@ thread_local! {
     static SCRATCH: RefCell<(AlignedBuf, AlignedBuf)> = RefCell::new((AlignedBuf::default(), AlignedBuf::default()));
 }
 
-/// Checks C, handles the degenerate shapes; returns false when there is nothing left to do.
-fn prologue(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: &Mat, accumulate: bool) -> bool {
+/// Checks C (and the bias), handles the degenerate shapes; returns false when there is
+/// nothing left to do.
+fn prologue(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: &Mat, init: Init) -> bool {
     if m == 0 || n == 0 {
         return false;
     }
     check_bounds("c", c.len(), m, n, c_rs, 1);
+    if let Init::Bias(b) = init {
+        assert!(b.len() >= n, "kernel: bias of {} values for {n} columns", b.len());
+    }
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * c_rs..i * c_rs + n].fill(0.0);
+        for i in 0..m {
+            let row = &mut c[i * c_rs..i * c_rs + n];
+            match init {
+                Init::Zero => row.fill(0.0),
+                Init::Bias(b) => row.copy_from_slice(&b[..n]),
+                Init::C => {}
             }
         }
         return false;
@@ -502,14 +573,20 @@ fn prologue(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: &Mat, a
 /// `n = b.n()`), C row-major with row stride `c_rs`. Gives the same bits as [`sgemm`] on the
 /// unpacked B. Copies only A, and only when it is large (into the per-thread scratch).
 pub fn gemm_packed(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
-    gemm_packed_with(m, c, c_rs, a, b, accumulate, simd_available());
+    gemm_packed_with(m, c, c_rs, a, b, Init::new(accumulate), simd_available());
 }
 
-fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, accumulate: bool, simd: bool) {
+/// `C[i, j] = bias[j] + (A·B)[i, j]` with B prepacked: a linear layer's forward in one pass.
+/// The same bits as copying the bias into C and calling [`gemm_packed`] with `accumulate`.
+pub fn gemm_packed_bias(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, bias: &[f32]) {
+    gemm_packed_with(m, c, c_rs, a, b, Init::Bias(bias), simd_available());
+}
+
+fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, init: Init, simd: bool) {
     let (n, k) = (b.n, b.k);
-    if prologue(m, n, k, c, c_rs, &a, accumulate) {
+    if prologue(m, n, k, c, c_rs, &a, init) {
         let bsrc = BSrc { data: b.buf.as_slice(), ks: NR, ps: k * NR };
-        SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, accumulate, simd));
+        SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, init, simd));
     }
 }
 
@@ -518,12 +595,18 @@ fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, a
 /// reused, so after the first calls of a given size this allocates nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool) {
-    sgemm_with(m, n, k, c, c_rs, a, b, accumulate, simd_available());
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::new(accumulate), simd_available());
+}
+
+/// `C[i, j] = bias[j] + (A·B)[i, j]` (see [`gemm_packed_bias`]), packing B per call.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_bias(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, bias: &[f32]) {
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::Bias(bias), simd_available());
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool, simd: bool) {
-    if !prologue(m, n, k, c, c_rs, &a, accumulate) {
+fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, init: Init, simd: bool) {
+    if !prologue(m, n, k, c, c_rs, &a, init) {
         return;
     }
     check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
@@ -535,7 +618,7 @@ fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, 
         // B is always packed: read in place, its rows' power-of-two strides would map a
         // micro-panel onto a few L1 sets.
         let bsrc = BSrc { data: bbuf.as_slice(), ks: NR, ps: k * NR };
-        run_a(m, n, k, c, c_rs, a, bsrc, abuf, accumulate, simd);
+        run_a(m, n, k, c, c_rs, a, bsrc, abuf, init, simd);
     });
 }
 
@@ -551,7 +634,7 @@ fn run_a(
     a: Mat,
     bsrc: BSrc,
     abuf: &mut AlignedBuf,
-    accumulate: bool,
+    init: Init,
     simd: bool,
 ) {
     // A is read in place when it fits one M block (row-major) or two (column-major: the
@@ -569,9 +652,9 @@ fn run_a(
         let panels = m.div_ceil(MR);
         let ap = abuf.resize(panels * k * MR);
         pack_a_into(ap, m, k, a, blocking(m, k).2);
-        blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, accumulate, simd);
+        blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, init, simd);
     } else {
-        blocked(m, n, k, c, c_rs, a, bsrc, accumulate, simd);
+        blocked(m, n, k, c, c_rs, a, bsrc, init, simd);
     }
 }
 
@@ -634,7 +717,7 @@ fn blocked_packed_a(
     c_rs: usize,
     ap: &[f32],
     b: BSrc,
-    accumulate: bool,
+    init: Init,
     simd: bool,
 ) {
     let (nkb, kc_full, mc_full) = blocking(m, k);
@@ -642,7 +725,7 @@ fn blocked_packed_a(
     for kb in 0..nkb {
         let p0 = kb * kc_full;
         let kc = kc_full.min(k - p0);
-        let add = accumulate || kb > 0;
+        let init_kb = init.for_block(kb);
         for i_blk in (0..m).step_by(mc_full) {
             let mc = mc_full.min(m - i_blk);
             for jp in 0..npanels {
@@ -650,12 +733,13 @@ fn blocked_packed_a(
                 let nr = NR.min(n - j0);
                 let b_off = jp * b.ps + p0 * b.ks;
                 let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
+                let init_tile = init_kb.cols(j0, nr);
                 for (q, (i0, mr)) in row_tiles(i_blk, mc).enumerate() {
                     let c_off = i0 * c_rs + j0;
                     let c_len = (mr - 1) * c_rs + nr;
                     let a_off = (i_blk / MR + q) * k * MR + p0 * MR;
                     let a_tile = &ap[a_off..a_off + kc * MR];
-                    tile(mr, nr, kc, a_tile, 1, MR, b_tile, b.ks, &mut c[c_off..c_off + c_len], c_rs, add, simd);
+                    tile(mr, nr, kc, a_tile, 1, MR, b_tile, b.ks, &mut c[c_off..c_off + c_len], c_rs, init_tile, simd);
                 }
             }
         }
@@ -734,6 +818,10 @@ mod tests {
         }
     }
 
+    fn bits_eq(x: &[f32], y: &[f32]) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+
     /// Runs every entry point on one shape, all transpose combinations, both accumulate modes,
     /// padded C, and both the SIMD (when present) and portable paths.
     fn exercise(rng: &mut Rng, m: usize, n: usize, k: usize) {
@@ -749,13 +837,27 @@ mod tests {
                 let c_rs = n + rng.below(4);
                 let c0 = rng.vec(m * c_rs);
                 let pb = PackedB::pack(k, n, b);
+                let bias = rng.vec(n);
                 for &simd in paths {
+                    // The bias epilogue gives exactly what copying the bias into C and
+                    // accumulating gives.
+                    let mut want = c0.clone();
+                    for i in 0..m {
+                        want[i * c_rs..i * c_rs + n].copy_from_slice(&bias);
+                    }
+                    sgemm_with(m, n, k, &mut want, c_rs, a, b, Init::C, simd);
+                    let mut got = c0.clone();
+                    sgemm_with(m, n, k, &mut got, c_rs, a, b, Init::Bias(&bias), simd);
+                    assert!(bits_eq(&got, &want), "sgemm bias simd={simd} at={at} bt={bt}");
+                    let mut got = c0.clone();
+                    gemm_packed_with(m, &mut got, c_rs, a, &pb, Init::Bias(&bias), simd);
+                    assert!(bits_eq(&got, &want), "packed bias simd={simd} at={at} bt={bt}");
                     for &acc in &[false, true] {
                         let mut c = c0.clone();
-                        sgemm_with(m, n, k, &mut c, c_rs, a, b, acc, simd);
+                        sgemm_with(m, n, k, &mut c, c_rs, a, b, Init::new(acc), simd);
                         check(m, n, k, a, b, &c0, &c, c_rs, acc, &format!("sgemm simd={simd} at={at} bt={bt}"));
                         let mut c2 = c0.clone();
-                        gemm_packed_with(m, &mut c2, c_rs, a, &pb, acc, simd);
+                        gemm_packed_with(m, &mut c2, c_rs, a, &pb, Init::new(acc), simd);
                         check(m, n, k, a, b, &c0, &c2, c_rs, acc, &format!("packed simd={simd} at={at} bt={bt}"));
                     }
                 }
@@ -824,13 +926,13 @@ mod tests {
                 let accs: &[bool] = if simd { &[false, true] } else { &[true] };
                 for &acc in accs {
                     let mut c = c0.clone();
-                    gemm_packed_with(m, &mut c, n, a, &pb, acc, simd);
+                    gemm_packed_with(m, &mut c, n, a, &pb, Init::new(acc), simd);
                     check(m, n, k, a, b, &c0, &c, n, acc, &format!("packed simd={simd}"));
                     if !simd {
                         continue;
                     }
                     let mut c2 = c0.clone();
-                    sgemm_with(m, n, k, &mut c2, n, a, b, acc, simd);
+                    sgemm_with(m, n, k, &mut c2, n, a, b, Init::new(acc), simd);
                     check(m, n, k, a, b, &c0, &c2, n, acc, &format!("sgemm simd={simd}"));
                 }
             }

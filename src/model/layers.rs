@@ -2,7 +2,7 @@
 //! function; N = B·T rows. Backward functions ACCUMULATE into gradients unless the comment
 //! says "overwrites".
 
-use super::gemm::{gemm, gemm_prepacked, Mat};
+use super::gemm::{gemm, gemm_bias_prepacked, gemm_prepacked, Mat};
 use super::kernel::PackedB;
 
 /// LayerNorm epsilon, as GPT-2.
@@ -231,10 +231,7 @@ pub fn linear_forward(
     ic: usize,
     oc: usize,
 ) {
-    for r in 0..n {
-        out[r * oc..][..oc].copy_from_slice(&bias[..oc]);
-    }
-    gemm_prepacked(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), packed, true);
+    gemm_bias_prepacked(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), packed, bias);
 }
 
 /// dinp[N,IC] (overwrites, or accumulates when `accumulate_dinp`) = dout · wᵀ;
