@@ -278,13 +278,20 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: 
                 let b_off = jp * b.ps + p0 * b.ks;
                 let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
                 let init_tile = init_kb.cols(j0, nr);
+                if layout != ALayout::Strided {
+                    let a_blk = &a.data[i_blk * a.rs + p0 * a.cs..];
+                    let c_blk = &mut c[i_blk * c_rs + j0..];
+                    let a_src = ASrc { data: a_blk, rs: a.rs, cs: a.cs, tile_stride: None };
+                    panel(mc, nr, kc, a_src, b_tile, b.ks, c_blk, c_rs, init_tile, simd);
+                    continue;
+                }
                 for (i0, mr) in row_tiles(i_blk, mc) {
                     let c_off = i0 * c_rs + j0;
                     let c_len = (mr - 1) * c_rs + nr;
                     let c_tile = &mut c[c_off..c_off + c_len];
                     let a_off = i0 * a.rs + p0 * a.cs;
                     let (a_tile, rs, cs) = match layout {
-                        ALayout::Rows | ALayout::Cols => (&a.data[a_off..], a.rs, a.cs),
+                        ALayout::Rows | ALayout::Cols => unreachable!("handled by `panel` above"),
                         ALayout::Strided => {
                             for (p, col) in stack.chunks_exact_mut(MR).take(kc).enumerate() {
                                 for (i, x) in col[..mr].iter_mut().enumerate() {
@@ -298,6 +305,79 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: 
                 }
             }
         }
+    }
+}
+
+/// The A block of a [`panel`] call: tile `q` of rows `i0..` starts at `data[q * ts]` when
+/// `tile_stride` is `Some(ts)` (packed 6-row panels), else at `data[i0 * rs]` (read in place);
+/// within a tile A(i, p) is at `i * rs + p * cs`.
+#[derive(Clone, Copy)]
+struct ASrc<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+    tile_stride: Option<usize>,
+}
+
+/// Every row tile of an `mc`-row M block against one B micro-panel (`kc x 16`, `nr` valid
+/// columns): `c (+)= a · b_tile`. One call per micro-panel instead of one per 6-row tile, so
+/// the bounds checks and the dispatch happen once per panel; `c` starts at the block's C(0, 0).
+#[allow(clippy::too_many_arguments)]
+fn panel(
+    mc: usize,
+    nr: usize,
+    kc: usize,
+    a: ASrc,
+    b: &[f32],
+    b_ks: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    init: Init,
+    simd: bool,
+) {
+    assert!(mc >= 1 && (1..=NR).contains(&nr) && kc >= 1);
+    assert!(a.rs == 1 || a.cs == 1, "kernel: A must have a unit stride");
+    // The last A element any tile reads: in place, row mc-1 at column kc-1; packed, the last
+    // tile's panel holds MR slots per column.
+    let a_last = match a.tile_stride {
+        None => (mc - 1) * a.rs + (kc - 1) * a.cs,
+        Some(ts) => {
+            assert!(a.rs == 1 && a.cs == MR, "kernel: packed A panels are column-major 6-row tiles");
+            (mc.div_ceil(MR) - 1) * ts + (kc - 1) * MR + MR - 1
+        }
+    };
+    assert!(a_last < a.data.len(), "kernel: A block out of bounds");
+    assert!(b_ks >= NR && b.len() >= (kc - 1) * b_ks + NR, "kernel: B tile out of bounds");
+    assert!((mc - 1) * c_rs + nr <= c.len(), "kernel: C block out of bounds");
+    if let Init::Bias(bias) = init {
+        assert!(bias.len() == nr, "kernel: bias tile has the wrong length");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let add = matches!(init, Init::C);
+        let bias = if let Init::Bias(b) = init { b.as_ptr() } else { std::ptr::null() };
+        let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let ts = a.tile_stride.unwrap_or(0);
+        // SAFETY: `simd` is only true when `simd_available()` returned true (checked by the
+        // public entry points), so AVX2 and FMA are present. The asserts above bound every A
+        // element a tile reads (tiles cover rows 0..mc, each at most MR rows, kc columns), the
+        // 16 B values of every k step, every C element (i < mc, j < nr) and the bias.
+        unsafe {
+            if a.cs == 1 {
+                avx2::panel::<true>(mc, kc, ap, a.rs, a.cs, ts, bp, b_ks, cp, c_rs, nr, add, bias)
+            } else {
+                avx2::panel::<false>(mc, kc, ap, a.rs, a.cs, ts, bp, b_ks, cp, c_rs, nr, add, bias)
+            }
+        }
+        return;
+    }
+    for (q, (i0, mr)) in row_tiles(0, mc).enumerate() {
+        let a_off = match a.tile_stride {
+            Some(ts) => q * ts,
+            None => i0 * a.rs,
+        };
+        let c_tile = &mut c[i0 * c_rs..i0 * c_rs + (mr - 1) * c_rs + nr];
+        portable_tile(mr, nr, kc, &a.data[a_off..], a.rs, a.cs, b, b_ks, c_tile, c_rs, init);
     }
 }
 
@@ -530,6 +610,46 @@ mod avx2 {
         }
     }
 
+    /// Every row tile of rows `0..mc`: tile `q` of rows `i0..i0+mr` (from `row_tiles`) reads A
+    /// at `a + q*ts` when `ts > 0` (packed panels) else at `a + i0*rs`, and writes C at
+    /// `c + i0*c_rs`; see [`kernel`] for the rest.
+    ///
+    /// # Safety
+    /// As [`kernel`], for every tile of the block.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panel<const ROWS: bool>(
+        mc: usize,
+        kc: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        ts: usize,
+        b: *const f32,
+        b_ks: usize,
+        c: *mut f32,
+        c_rs: usize,
+        nr: usize,
+        add: bool,
+        bias: *const f32,
+    ) {
+        for (q, (i0, mr)) in super::row_tiles(0, mc).enumerate() {
+            let at = if ts > 0 { a.wrapping_add(q * ts) } else { a.wrapping_add(i0 * rs) };
+            let ct = c.wrapping_add(i0 * c_rs);
+            // SAFETY: the caller guarantees the ranges of every tile.
+            unsafe {
+                match mr {
+                    6 => kernel::<6, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                    5 => kernel::<5, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                    4 => kernel::<4, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                    3 => kernel::<3, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                    2 => kernel::<2, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                    _ => kernel::<1, ROWS>(kc, at, rs, cs, b, b_ks, ct, c_rs, nr, add, bias),
+                }
+            }
+        }
+    }
+
     /// An unaligned-tolerant load (packed panels are 64-byte aligned when they come from
     /// [`super::AlignedBuf`], but correctness must not depend on it).
     #[inline(always)]
@@ -734,13 +854,10 @@ fn blocked_packed_a(
                 let b_off = jp * b.ps + p0 * b.ks;
                 let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
                 let init_tile = init_kb.cols(j0, nr);
-                for (q, (i0, mr)) in row_tiles(i_blk, mc).enumerate() {
-                    let c_off = i0 * c_rs + j0;
-                    let c_len = (mr - 1) * c_rs + nr;
-                    let a_off = (i_blk / MR + q) * k * MR + p0 * MR;
-                    let a_tile = &ap[a_off..a_off + kc * MR];
-                    tile(mr, nr, kc, a_tile, 1, MR, b_tile, b.ks, &mut c[c_off..c_off + c_len], c_rs, init_tile, simd);
-                }
+                // This M block's tiles are panels i_blk/MR.. of the packing, k*MR apart.
+                let a_blk = &ap[(i_blk / MR) * k * MR + p0 * MR..];
+                let a_src = ASrc { data: a_blk, rs: 1, cs: MR, tile_stride: Some(k * MR) };
+                panel(mc, nr, kc, a_src, b_tile, b.ks, &mut c[i_blk * c_rs + j0..], c_rs, init_tile, simd);
             }
         }
     }
