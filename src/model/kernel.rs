@@ -85,8 +85,37 @@ impl AlignedBuf {
 
 /// Packs the `k x n` view `b` into `dst` (length `panels(n) * k * NR`) as 16-column panels.
 fn pack_b_into(dst: &mut [f32], k: usize, n: usize, b: Mat) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(dst: &mut [f32], k: usize, n: usize, b: Mat) {
+            pack_b_body(dst, k, n, b)
+        }
+        // SAFETY: AVX2 and FMA are present (checked just above), all `avx2` requires.
+        return unsafe { avx2(dst, k, n, b) };
+    }
+    pack_b_body(dst, k, n, b)
+}
+
+/// [`pack_b_into`]'s loops, inlined into a copy compiled for AVX2 (the copies move 32 bytes at
+/// a time) and a baseline copy.
+#[inline(always)]
+fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat) {
     debug_assert_eq!(dst.len(), n.div_ceil(NR) * k * NR);
-    for (jp, panel) in dst.chunks_exact_mut((k * NR).max(1)).enumerate().take(n.div_ceil(NR)) {
+    let full = n / NR;
+    if b.cs == 1 && full > 0 {
+        // Row-major B: walk each row once, front to back (one sequential read stream), and
+        // deal its 16-wide pieces out to the full panels; the ragged last panel follows below.
+        for p in 0..k {
+            let row = &b.data[p * b.rs..p * b.rs + full * NR];
+            for (jp, src) in row.chunks_exact(NR).enumerate() {
+                let d = jp * k * NR + p * NR;
+                dst[d..d + NR].copy_from_slice(src);
+            }
+        }
+    }
+    let skip = if b.cs == 1 { full } else { 0 };
+    for (jp, panel) in dst.chunks_exact_mut((k * NR).max(1)).enumerate().take(n.div_ceil(NR)).skip(skip) {
         let j0 = jp * NR;
         let nr = NR.min(n - j0);
         if nr < NR {
@@ -156,6 +185,13 @@ impl PackedB {
         check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
         let dst = self.buf.resize(n.div_ceil(NR) * k * NR);
         pack_b_into(dst, k, n, b);
+    }
+
+    /// Packs the `k x n` view `b`, reshaping (and growing, never shrinking) the buffer first.
+    pub fn repack_as(&mut self, k: usize, n: usize, b: Mat) {
+        self.k = k;
+        self.n = n;
+        self.repack(b);
     }
 
     /// Rows of the packed operand (the product's K).
@@ -710,6 +746,31 @@ fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, i
     }
 }
 
+/// `C[m, cols] = A[m, rows.len()] · B[rows, ..cols]` (or `C += ...` when `accumulate`): the
+/// product with a block of a packed B, a range of its rows and a prefix of its columns, so one
+/// packing serves every block (the causal attention's row blocks). The same bits as
+/// [`sgemm`] on that block of the unpacked B.
+pub fn gemm_packed_block(
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: &PackedB,
+    rows: std::ops::Range<usize>,
+    cols: usize,
+    accumulate: bool,
+) {
+    assert!(rows.start <= rows.end && rows.end <= b.k, "kernel: rows {rows:?} of a packed B with {} rows", b.k);
+    assert!(cols <= b.n, "kernel: {cols} columns of a packed B with {}", b.n);
+    let (k, n) = (rows.len(), cols);
+    let init = Init::new(accumulate);
+    if prologue(m, n, k, c, c_rs, &a, init) {
+        // Panel jp's rows start at jp * (b.k * NR); a row range is an offset within each.
+        let bsrc = BSrc { data: &b.buf.as_slice()[rows.start * NR..], ks: NR, ps: b.k * NR };
+        SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, init, simd_available()));
+    }
+}
+
 /// `C[m, n] = A[m, k] · B[k, n]` (or `C += A·B` when `accumulate`), C row-major with row
 /// stride `c_rs`. Packs B (and A when worthwhile) into a per-thread scratch buffer that is
 /// reused, so after the first calls of a given size this allocates nothing.
@@ -782,6 +843,21 @@ fn run_a(
 /// M blocks of `mc_full` rows: panel `q` holds that tile's rows of column `p` at
 /// `q*k*MR + p*MR ..`, contiguous (slots past the tile's height are never read).
 fn pack_a_into(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
+            pack_a_body(dst, m, k, a, mc_full)
+        }
+        // SAFETY: AVX2 and FMA are present (checked just above), all `avx2` requires.
+        return unsafe { avx2(dst, m, k, a, mc_full) };
+    }
+    pack_a_body(dst, m, k, a, mc_full)
+}
+
+/// [`pack_a_into`]'s loops (see [`pack_b_body`]).
+#[inline(always)]
+fn pack_a_body(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
     let tiles = (0..m).step_by(mc_full).flat_map(|i_blk| row_tiles(i_blk, mc_full.min(m - i_blk)));
     if a.rs == 1 {
         // Column-major A (a transposed activation): each column is contiguous. Go through K
@@ -1075,6 +1151,29 @@ mod tests {
                 let mut c2 = vec![2.0f32; m * n];
                 sgemm(m, n, k, &mut c2, n, Mat::rows(&a, k), Mat::rows(&b, n), false);
                 assert!(c2.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_of_a_packed_b_match_products_with_the_same_block() {
+        let mut rng = Rng(2024);
+        let (k, n) = (70, 45);
+        let bd = rng.vec(k * n);
+        let b = Mat::rows(&bd, n);
+        let mut pb = PackedB::zeros(1, 1);
+        pb.repack_as(k, n, b);
+        for (rows, cols, m) in [(0..70, 45, 7), (10..70, 32, 13), (0..33, 16, 6), (69..70, 1, 1), (5..5, 9, 3)] {
+            let a = rng.vec(m * rows.len().max(1));
+            let am = Mat::rows(&a, rows.len().max(1));
+            let sub = Mat::strided(&bd[rows.start * n..], n, 1);
+            let c0 = rng.vec(m * cols);
+            for acc in [false, true] {
+                let mut want = c0.clone();
+                sgemm(m, cols, rows.len(), &mut want, cols, am, sub, acc);
+                let mut got = c0.clone();
+                gemm_packed_block(m, &mut got, cols, am, &pb, rows.clone(), cols, acc);
+                assert!(bits_eq(&got, &want), "rows {rows:?} cols {cols} acc {acc}");
             }
         }
     }
