@@ -750,6 +750,7 @@ fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, i
 /// product with a block of a packed B, a range of its rows and a prefix of its columns, so one
 /// packing serves every block (the causal attention's row blocks). The same bits as
 /// [`sgemm`] on that block of the unpacked B.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_packed_block(
     m: usize,
     c: &mut [f32],
