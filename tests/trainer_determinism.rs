@@ -116,3 +116,41 @@ fn gradient_lock_drift_from_segmented_is_small() {
     }
     assert!(worst < 1e-2, "gradient-lock drifted by {worst}");
 }
+
+/// Segmented (global clipping) leaves the NaN/Inf scan to the reduction and, when the total is
+/// not finite, rescans and reduces again; gradient-lock scans every micro-batch first. With one
+/// thread both sum the same slots in the same order, so the weights must match bit for bit,
+/// with and without a poisoned micro-batch, and the per-sphere norms must agree.
+#[test]
+fn fused_scan_matches_scanning_first_including_a_poisoned_micro_batch() {
+    let cfg = ModelConfig::tiny();
+    let (rows, seq) = (4, 16);
+    let run = |strategy, threads| {
+        let o = TrainerOptions { inject_nan: vec![(2, 3), (3, 0)], ..opts(threads, 4, strategy) };
+        let mut t = Trainer::new(Model::new(cfg, 7), rows, seq, o).unwrap();
+        let mut norms = Vec::new();
+        for s in 1..=4 {
+            let b = batch(s, rows, seq);
+            let r = t.step(&b.inputs, &b.targets, 3e-3).unwrap();
+            let want_skipped = match s {
+                2 => vec![3],
+                3 => vec![0],
+                _ => vec![],
+            };
+            assert_eq!(r.skipped_spheres, want_skipped, "{strategy} step {s}");
+            assert!(!r.update_skipped);
+            norms.push(r.max_sphere_norm);
+        }
+        let p = t.params().to_vec();
+        t.shutdown().unwrap();
+        (p, norms)
+    };
+    let (scan_first, scan_norms) = run(Strategy::GradientLock, 1);
+    for threads in [1, 2, 3] {
+        let (fused, fused_norms) = run(Strategy::Segmented, threads);
+        assert_eq!(fnv_bits(&fused), fnv_bits(&scan_first), "{threads} threads");
+        for (a, b) in fused_norms.iter().zip(&scan_norms) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "max sphere norm {a} vs {b}");
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! publish batch + control
 //! ──────────────── barrier "start" ───────────────── (workers read the control block)
 //! compute micro-batches (segmented: m = k, k+N, ...; lock strategies: ticket counter),
-//! scan each gradient
+//! scan each gradient (segmented with global clipping: left to the reduction, see below)
 //! ──────────────── barrier "computed" ────────────── (every micro-batch is done)
 //! reduce chunks c = k, k+N, ... (segmented: sum the valid slots in index order; all:
 //! squared norm of the chunk)
@@ -18,6 +18,14 @@
 //! ──────────────── barrier "done" ──────────────────
 //! read the report                    wait for the next "start"
 //! ```
+//! The fused scan (segmented, global clipping): rather than a separate NaN/Inf pass over every
+//! gradient, the reduction sums all slots and the finiteness of the total decides. A sum of
+//! finite values is finite unless it overflows, so a finite total proves every slot valid.
+//! When the total is not finite, which every worker sees alike, all of them scan their own
+//! slots, cross a barrier "rescanned", reduce again over the valid slots only and cross a
+//! barrier "re-reduced" before the update: six crossings instead of four, only in such a step.
+//! Both paths sum the same slots in the same order as a scan-first step would, so the weights
+//! are the same bits.
 //! Between "done" and the next "start", workers 1..N touch nothing shared, so the coordinator
 //! may read and write everything (batch, control block, weights, Adam state). Running worker 0
 //! on the caller's thread saves a thread and a hand-off per step, and with one thread the step
@@ -79,7 +87,10 @@ struct Control {
 #[derive(Clone, Debug, Default)]
 struct SlotResult {
     loss: f32,
+    /// The scan of the gradient; `Scan::default()` (valid, norm 0) while `scanned` is false.
     scan: Scan,
+    /// False when the scan was left to the reduction (see [`Shared::fused_scan`]).
+    scanned: bool,
     /// Per-sphere clip factor (1.0 in global mode).
     factor: f32,
     /// Set if the workload panicked on this micro-batch.
@@ -126,6 +137,13 @@ struct Shared<B: Backend, W: Workload> {
     results: Vec<B::Cell<SlotResult>>,
     /// Squared norm of each chunk of `sum`.
     partials: Vec<B::Cell<f64>>,
+    /// True when the NaN/Inf scan of the micro-batch gradients is fused into the reduction
+    /// (segmented with global clipping): the compute phase then skips the scan, which was a
+    /// whole extra pass over every gradient. See `run_step`.
+    fused_scan: bool,
+    /// Fused scan: squared norm of micro-batch m's part of chunk c, at `c * spheres + m`
+    /// (the per-sphere norms of the report).
+    slot_partials: Vec<B::Cell<f64>>,
     timings: Vec<B::Cell<WorkerTiming>>,
     /// Lock strategies: the next micro-batch ticket.
     next_mb: B::AtomicUsize,
@@ -288,8 +306,42 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         tm.reduce += clock.lap();
         self.phase_wait(&mut tm)?;
 
+        let mut total = if apply { self.total_sqnorm() } else { f64::NAN };
+        let (mut n_valid, mut apply) = (n_valid, apply);
+        if self.fused_scan && apply && !total.is_finite() {
+            // The fused scan's slow path. A non-finite sum means that some micro-batch holds a
+            // NaN/Inf (a sum of finite values is finite unless it overflows). Every worker sees
+            // the same total, so all of them take this branch: scan the slots to find the
+            // invalid ones, then reduce again without them. Two more barrier crossings, only
+            // in such a step.
+            let mut clock = Clock::<B>::start();
+            for m in (k..self.spheres).step_by(self.n_workers) {
+                // SAFETY: slots are final after "computed" and only read; result m is written
+                // only by its owner (m % N) here, between "reduced" and "rescanned", and read by
+                // everyone after "rescanned".
+                unsafe {
+                    let scan = self.slots[m].with(|g| grad::scan(g));
+                    self.results[m].with_mut(|r| {
+                        r.scan = scan;
+                        r.scanned = true;
+                    });
+                }
+            }
+            tm.reduce += clock.lap();
+            self.phase_wait(&mut tm)?; // "rescanned"
+            (n_valid, apply) = self.collect_valid(&mut local.valid);
+            let mut clock = Clock::<B>::start();
+            if apply {
+                for c in (k..self.sum.num_chunks()).step_by(self.n_workers) {
+                    self.reduce_chunk(c, &local.valid);
+                }
+            }
+            tm.reduce += clock.lap();
+            self.phase_wait(&mut tm)?; // "re-reduced"
+            total = if apply { self.total_sqnorm() } else { f64::NAN };
+        }
+
         let mut clock = Clock::<B>::start();
-        let total = if apply { self.total_sqnorm() } else { f64::NAN };
         // A sum of finite gradients can still overflow f32; every worker sees the same total,
         // so all of them skip such an update together.
         if apply && total.is_finite() {
@@ -303,6 +355,17 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         // the coordinator after "done".
         unsafe { self.timings[k].with_mut(|t| *t = tm) };
         Ok(())
+    }
+
+    /// Micro-batch m's gradient norm from the fused scan's chunk parts, added in chunk order.
+    /// Meaningful after a step in which the reduction ran with m valid.
+    fn fused_sphere_norm(&self, m: usize) -> f64 {
+        let mut total = 0.0f64;
+        for c in 0..self.partials.len() {
+            // SAFETY: written before "reduced"; read by the coordinator after "done".
+            total += unsafe { self.slot_partials[c * self.spheres + m].with(|x| *x) };
+        }
+        total.sqrt()
     }
 
     /// The squared norm of `sum`: the chunk norms added in chunk order (so independent of N).
@@ -353,8 +416,12 @@ impl<B: Backend, W: Workload> Shared<B, W> {
                         *g = f32::NAN;
                     }
                 }
+                if self.fused_scan {
+                    return SlotResult { loss, scan: Scan::default(), scanned: false, factor: 1.0, panic: None };
+                }
                 let scan = grad::scan(grad);
-                SlotResult { loss, scan, factor: sphere_factor(&scan, self.clip_norm, self.clip_mode), panic: None }
+                let factor = sphere_factor(&scan, self.clip_norm, self.clip_mode);
+                SlotResult { loss, scan, scanned: true, factor, panic: None }
             }
         }
     }
@@ -477,10 +544,17 @@ impl<B: Backend, W: Workload> Shared<B, W> {
                 self.sum.write_chunk(c, |dst| {
                     for (i, &(m, f)) in valid.iter().enumerate() {
                         self.slots[m].with(|g| {
-                            if i == 0 {
-                                grad::copy_scaled(dst, &g[r.clone()], f)
+                            let src = &g[r.clone()];
+                            if self.fused_scan {
+                                // The fused scan's per-sphere norm, in the same pass as the sum.
+                                // SAFETY: this cell is written only by chunk c's owner before
+                                // "reduced", read by the coordinator after "done".
+                                let sq = grad::accumulate_with_sqnorm(dst, src, f, i == 0);
+                                self.slot_partials[c * self.spheres + m].with_mut(|x| *x = sq);
+                            } else if i == 0 {
+                                grad::copy_scaled(dst, src, f)
                             } else {
-                                grad::add_scaled(dst, &g[r.clone()], f)
+                                grad::add_scaled(dst, src, f)
                             }
                         });
                     }
@@ -628,6 +702,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         #[cfg(not(any(feature = "loom", feature = "shuttle")))]
         let barrier = Barrier::new(n);
         let slot_count = if opts.strategy == Strategy::Segmented { spheres } else { 0 };
+        let fused_scan = opts.strategy == Strategy::Segmented && opts.clip_mode == ClipMode::Global;
         let model_slot = if opts.strategy == Strategy::ModelLock {
             ModelSlot { scratch: Some(workload.new_scratch(rows / spheres, seq)), grad: vec![0.0; p] }
         } else {
@@ -654,6 +729,8 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             slots: (0..slot_count).map(|_| B::Cell::new(vec![0.0; p])).collect(),
             results: (0..spheres).map(|_| B::Cell::new(SlotResult::default())).collect(),
             partials: (0..n_chunks).map(|_| B::Cell::new(0.0)).collect(),
+            fused_scan,
+            slot_partials: (0..if fused_scan { n_chunks * spheres } else { 0 }).map(|_| B::Cell::new(0.0)).collect(),
             timings: (0..n).map(|_| B::Cell::new(WorkerTiming::default())).collect(),
             next_mb: B::AtomicUsize::new(0),
             model_lock: B::Mutex::new(model_slot),
@@ -844,7 +921,8 @@ impl<B: Backend, W: Workload> Engine<B, W> {
                     if r.valid() {
                         n_valid += 1;
                         loss_sum += r.loss as f64;
-                        max_norm = max_norm.max(r.scan.norm());
+                        let norm = if r.scanned { r.scan.norm() } else { sh.fused_sphere_norm(m) };
+                        max_norm = max_norm.max(norm);
                         sphere_clipped |= r.factor < 1.0;
                     } else {
                         report.skipped_spheres.push(m);
