@@ -23,7 +23,8 @@ pub struct BlockActs {
     pub ln2: Vec<f32>,
     pub ln2_mean: Vec<f32>,
     pub ln2_rstd: Vec<f32>,
-    /// c_fc output before GELU [N,4C], and after [N,4C].
+    /// GELU' of the c_fc output [N,4C] (the c_fc output itself until the GELU replaces it:
+    /// the backward pass needs only the derivative), and the GELU output [N,4C].
     pub fch: Vec<f32>,
     pub fch_gelu: Vec<f32>,
     /// Residual stream after the block [N,C].

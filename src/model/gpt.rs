@@ -143,7 +143,8 @@ pub fn forward_with_layout(
             c,
             4 * c,
         );
-        gelu_forward(&mut a.fch_gelu[..n * 4 * c], &a.fch[..n * 4 * c]);
+        // fch now holds GELU'(c_fc output): all the backward pass needs of it.
+        gelu_forward_saving_grad(&mut a.fch_gelu[..n * 4 * c], &mut a.fch[..n * 4 * c]);
         linear_forward(
             &mut a.res3[..n * c],
             &a.fch_gelu[..n * 4 * c],
@@ -299,7 +300,7 @@ pub fn backward_with_layout(
                 false,
             );
         }
-        gelu_backward_inplace(d_big, &a.fch[..n * 4 * c]);
+        gelu_backward_saved(d_big, &a.fch[..n * 4 * c]);
         {
             let (dw, db) = two_mut(grads, p.fc_w..p.fc_w + c * 4 * c, p.fc_b..p.fc_b + 4 * c);
             linear_backward(

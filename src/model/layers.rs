@@ -500,9 +500,35 @@ multiversion! {
 
 #[inline(always)]
 fn gelu_grad(x: f32) -> f32 {
-    // d/dx [x·s] with s = σ(2u): s + 2x·s(1−s)·u'(x)
-    let s = gelu_sigmoid(x);
+    gelu_grad_from(x, gelu_sigmoid(x))
+}
+
+/// GELU'(x) given s = σ(2u(x)): d/dx [x·s] = s + 2x·s(1−s)·u'(x).
+#[inline(always)]
+fn gelu_grad_from(x: f32, s: f32) -> f32 {
     s + 2.0 * x * s * (1.0 - s) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+}
+
+multiversion! {
+    /// out = GELU(x), and x is replaced by GELU'(x): the forward pass computes the sigmoid
+    /// both need once, and the backward pass is left with a multiplication
+    /// ([`gelu_backward_saved`]). The same bits as [`gelu_forward`] and [`gelu_backward`].
+    pub fn gelu_forward_saving_grad(out: &mut [f32], x_then_grad: &mut [f32]) {
+        for (o, x) in out.iter_mut().zip(x_then_grad.iter_mut()) {
+            let s = gelu_sigmoid(*x);
+            *o = *x * s;
+            *x = gelu_grad_from(*x, s);
+        }
+    }
+}
+
+multiversion! {
+    /// In place: d[·] *= grad[·], with `grad` from [`gelu_forward_saving_grad`].
+    pub fn gelu_backward_saved(d: &mut [f32], grad: &[f32]) {
+        for (di, &g) in d.iter_mut().zip(grad) {
+            *di *= g;
+        }
+    }
 }
 
 multiversion! {
@@ -620,6 +646,22 @@ mod tests {
     fn fast_exp_saturates_instead_of_overflowing() {
         assert!(fast_exp(-1000.0) >= 0.0 && fast_exp(-1000.0) < 1e-37);
         assert!(fast_exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn gelu_saving_the_derivative_gives_the_same_bits() {
+        let x: Vec<f32> = (0..2000).map(|i| (i as f32 - 1000.0) * 0.013).collect();
+        let (mut out1, mut out2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        gelu_forward(&mut out1, &x);
+        let mut saved = x.clone();
+        gelu_forward_saving_grad(&mut out2, &mut saved);
+        assert!(out1.iter().zip(&out2).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let d: Vec<f32> = (0..x.len()).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.1).collect();
+        let mut d1 = d.clone();
+        gelu_backward_inplace(&mut d1, &x);
+        let mut d2 = d.clone();
+        gelu_backward_saved(&mut d2, &saved);
+        assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
