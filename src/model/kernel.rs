@@ -861,29 +861,20 @@ fn pack_a_into(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
 fn pack_a_body(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
     let tiles = (0..m).step_by(mc_full).flat_map(|i_blk| row_tiles(i_blk, mc_full.min(m - i_blk)));
     if a.rs == 1 {
-        // Column-major A (a transposed activation): each column is contiguous. Per M block, go
-        // through K in blocks of 8 columns, every tile per block, so reads stream and writes
-        // stay local. (Tiles are numbered across blocks: q0 counts those of earlier blocks.)
-        let mut q0 = 0;
-        for i_blk in (0..m).step_by(mc_full) {
-            let mc = mc_full.min(m - i_blk);
-            for p0 in (0..k).step_by(8) {
-                let kb = 8.min(k - p0);
-                for (qi, (i0, mr)) in row_tiles(i_blk, mc).enumerate() {
-                    let q = q0 + qi;
-                    let panel = &mut dst[q * k * MR + p0 * MR..q * k * MR + (p0 + kb) * MR];
-                    for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
-                        let s = i0 + (p0 + p) * a.cs;
-                        if mr == MR {
-                            let src: &[f32; MR] = a.data[s..s + MR].try_into().unwrap();
-                            col.copy_from_slice(src);
-                        } else {
-                            col[..mr].copy_from_slice(&a.data[s..s + mr]);
-                        }
-                    }
+        // Column-major A (a transposed activation): each column is contiguous. Fill one panel
+        // at a time, so the writes are sequential; its reads walk down K, one line per column,
+        // and the next tiles reuse the same lines from L1.
+        for (q, (i0, mr)) in tiles.enumerate() {
+            let panel = &mut dst[q * k * MR..(q + 1) * k * MR];
+            for (p, col) in panel.chunks_exact_mut(MR).enumerate() {
+                let s = i0 + p * a.cs;
+                if mr == MR {
+                    let src: &[f32; MR] = a.data[s..s + MR].try_into().unwrap();
+                    col.copy_from_slice(src);
+                } else {
+                    col[..mr].copy_from_slice(&a.data[s..s + mr]);
                 }
             }
-            q0 += mc.div_ceil(MR);
         }
     } else if a.cs == 1 {
         for (q, (i0, mr)) in tiles.enumerate() {
