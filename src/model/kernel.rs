@@ -10,11 +10,12 @@
 //! - B is packed into panels of [`NR`] = 16 columns: panel `j` holds `B[p, 16j..16j+16]` for
 //!   `p` in `0..k`, contiguous, zero-padded past `n`. Any K block of a panel is contiguous,
 //!   so one packing serves every K blocking. [`PackedB`] keeps such a packing for reuse.
-//! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`), so a
-//!   product with a prepacked B copies nothing at all; other strides are packed per tile.
-//!   [`sgemm`] packs A into 6-row panels when that pays off (many column panels).
+//! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`) and small
+//!   enough that its rows stay in L2, so such a product with a prepacked B copies nothing at
+//!   all; otherwise (larger, or no unit stride) A is packed into 6-row panels first.
 //! - Loops: K blocks of at most [`KC`] (the 16 x KC B micro-panel stays in L1), then M blocks
-//!   of at most [`MC`] rows (the A block stays in L2), then column panels, then row tiles.
+//!   of at most [`MC`] rows (the A block stays in L2), then column panels; one kernel call
+//!   runs all the row tiles of a column panel.
 //!
 //! Determinism: every element of C is the sum over K blocks, in order, of a sequential
 //! per-block dot product, with the blocking a function of (m, n, k) only; no threads. The
@@ -234,17 +235,6 @@ struct BSrc<'a> {
     ps: usize,
 }
 
-/// How the tile loop reads A.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ALayout {
-    /// `cs == 1`: each row is contiguous; read in place.
-    Rows,
-    /// `rs == 1`: each column is contiguous (includes packed 6-row panels); read in place.
-    Cols,
-    /// Anything else: each tile's A is packed into a stack buffer first.
-    Strided,
-}
-
 /// What a product's C starts from before `A·B` is added (per K block, the first block's
 /// choice; later K blocks always add to C).
 #[derive(Clone, Copy)]
@@ -285,60 +275,45 @@ impl<'a> Init<'a> {
     }
 }
 
-/// The shared blocked loop nest. `bp` holds `n.div_ceil(NR)` packed panels of `k * NR` each.
-/// `a_base` is the offset of A(0, 0) in `a.data`.
+/// Where the blocked loop reads A: in place (a view with a unit stride), or packed into 6-row
+/// panels by [`pack_a_into`].
+#[derive(Clone, Copy)]
+enum AIn<'a> {
+    InPlace(Mat<'a>),
+    Packed(&'a [f32]),
+}
+
+/// The blocked loop nest: K blocks, then M blocks, then B micro-panels, each micro-panel
+/// against every row tile of the M block ([`panel`]). `b` holds `n.div_ceil(NR)` packed panels.
 ///
-/// The caller has bounds-checked C (`m x n`, row stride `c_rs`) and A (`m x k` in `a`), and
-/// `bp` has the packed length; `k > 0`, `m > 0`, `n > 0`.
+/// The caller has bounds-checked C (`m x n`, row stride `c_rs`) and A (`m x k`); `k > 0`,
+/// `m > 0`, `n > 0`.
 #[allow(clippy::too_many_arguments)]
-fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: BSrc, init: Init, simd: bool) {
-    let layout = if a.cs == 1 {
-        ALayout::Rows
-    } else if a.rs == 1 {
-        ALayout::Cols
-    } else {
-        ALayout::Strided
-    };
+fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: AIn, b: BSrc, init: Init, simd: bool) {
     let (nkb, kc_full, mc_full) = blocking(m, k);
     let npanels = n.div_ceil(NR);
-    let mut stack = [0.0f32; MR * KC];
     for kb in 0..nkb {
         let p0 = kb * kc_full;
         let kc = kc_full.min(k - p0);
         let init_kb = init.for_block(kb);
         for i_blk in (0..m).step_by(mc_full) {
             let mc = mc_full.min(m - i_blk);
+            let a_src = match a {
+                AIn::InPlace(a) => {
+                    ASrc { data: &a.data[i_blk * a.rs + p0 * a.cs..], rs: a.rs, cs: a.cs, tile_stride: None }
+                }
+                // This M block's tiles are panels i_blk/MR.. of the packing, k*MR apart.
+                AIn::Packed(ap) => {
+                    ASrc { data: &ap[(i_blk / MR) * k * MR + p0 * MR..], rs: 1, cs: MR, tile_stride: Some(k * MR) }
+                }
+            };
             for jp in 0..npanels {
                 let j0 = jp * NR;
                 let nr = NR.min(n - j0);
                 let b_off = jp * b.ps + p0 * b.ks;
                 let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
-                let init_tile = init_kb.cols(j0, nr);
-                if layout != ALayout::Strided {
-                    let a_blk = &a.data[i_blk * a.rs + p0 * a.cs..];
-                    let c_blk = &mut c[i_blk * c_rs + j0..];
-                    let a_src = ASrc { data: a_blk, rs: a.rs, cs: a.cs, tile_stride: None };
-                    panel(mc, nr, kc, a_src, b_tile, b.ks, c_blk, c_rs, init_tile, simd);
-                    continue;
-                }
-                for (i0, mr) in row_tiles(i_blk, mc) {
-                    let c_off = i0 * c_rs + j0;
-                    let c_len = (mr - 1) * c_rs + nr;
-                    let c_tile = &mut c[c_off..c_off + c_len];
-                    let a_off = i0 * a.rs + p0 * a.cs;
-                    let (a_tile, rs, cs) = match layout {
-                        ALayout::Rows | ALayout::Cols => unreachable!("handled by `panel` above"),
-                        ALayout::Strided => {
-                            for (p, col) in stack.chunks_exact_mut(MR).take(kc).enumerate() {
-                                for (i, x) in col[..mr].iter_mut().enumerate() {
-                                    *x = a.data[a_off + i * a.rs + p * a.cs];
-                                }
-                            }
-                            (&stack[..], 1, MR)
-                        }
-                    };
-                    tile(mr, nr, kc, a_tile, rs, cs, b_tile, b.ks, c_tile, c_rs, init_tile, simd);
-                }
+                let c_blk = &mut c[i_blk * c_rs + j0..];
+                panel(mc, nr, kc, a_src, b_tile, b.ks, c_blk, c_rs, init_kb.cols(j0, nr), simd);
             }
         }
     }
@@ -415,63 +390,6 @@ fn panel(
         let c_tile = &mut c[i0 * c_rs..i0 * c_rs + (mr - 1) * c_rs + nr];
         portable_tile(mr, nr, kc, &a.data[a_off..], a.rs, a.cs, b, b_ks, c_tile, c_rs, init);
     }
-}
-
-/// One `mr x nr` tile (mr <= MR, nr <= NR): `c (+)= a[mr, kc] · b_tile[kc, 16]`, columns past
-/// `nr` discarded. `a` starts at A(i0, p0) with strides `rs`, `cs`, one of which is 1.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn tile(
-    mr: usize,
-    nr: usize,
-    kc: usize,
-    a: &[f32],
-    rs: usize,
-    cs: usize,
-    b: &[f32],
-    b_ks: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    init: Init,
-    simd: bool,
-) {
-    // The bounds every kernel below relies on; cheap next to the tile's 2 * mr * 16 * kc flops.
-    assert!((1..=MR).contains(&mr) && (1..=NR).contains(&nr) && kc >= 1);
-    assert!((mr - 1) * rs + (kc - 1) * cs < a.len(), "kernel: A tile out of bounds");
-    assert!(b_ks >= NR && b.len() >= (kc - 1) * b_ks + NR, "kernel: B tile out of bounds");
-    assert!((mr - 1) * c_rs + nr <= c.len(), "kernel: C tile out of bounds");
-    if let Init::Bias(b) = init {
-        assert!(b.len() == nr, "kernel: bias tile has the wrong length");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when `simd_available()` returned true (checked by the
-        // public entry points), so AVX2 and FMA are present. The asserts above prove every
-        // A element (i < mr, p < kc at i*rs + p*cs), every B element (p < kc: 16 at p*b_ks), every C
-        // element (i < mr, j < nr at i*c_rs + j) the kernel touches lies inside its slice.
-        unsafe {
-            let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-            let add = matches!(init, Init::C);
-            let bias = if let Init::Bias(b) = init { b.as_ptr() } else { std::ptr::null() };
-            match (mr, cs == 1) {
-                (6, true) => avx2::kernel::<6, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (5, true) => avx2::kernel::<5, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (4, true) => avx2::kernel::<4, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (3, true) => avx2::kernel::<3, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (2, true) => avx2::kernel::<2, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (1, true) => avx2::kernel::<1, true>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (6, false) => avx2::kernel::<6, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (5, false) => avx2::kernel::<5, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (4, false) => avx2::kernel::<4, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (3, false) => avx2::kernel::<3, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                (2, false) => avx2::kernel::<2, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-                _ => avx2::kernel::<1, false>(kc, ap, rs, cs, bp, b_ks, cp, c_rs, nr, add, bias),
-            }
-        }
-        return;
-    }
-    let _ = simd;
-    portable_tile(mr, nr, kc, a, rs, cs, b, b_ks, c, c_rs, init);
 }
 
 /// The portable microkernel: same blocking and summation order as the SIMD one, with separate
@@ -821,22 +739,21 @@ fn run_a(
 ) {
     // A is read in place when it fits one M block (row-major) or two (column-major: the
     // transposed activations of dW = X^T·dY); beyond that its strided rows thrash L2, so it
-    // is packed into 6-row panels. Other strides are packed when many column panels reuse
-    // them (else `blocked` packs tile by tile on the stack).
+    // is packed into 6-row panels. A view without a unit stride is always packed.
     let pack_a = if a.cs == 1 {
         m > MC
     } else if a.rs == 1 {
         m > 2 * MC
     } else {
-        n.div_ceil(NR) > 2
+        true
     };
     if pack_a {
         let panels = m.div_ceil(MR);
         let ap = abuf.resize(panels * k * MR);
         pack_a_into(ap, m, k, a, blocking(m, k).2);
-        blocked_packed_a(m, n, k, c, c_rs, ap, bsrc, init, simd);
+        blocked(m, n, k, c, c_rs, AIn::Packed(ap), bsrc, init, simd);
     } else {
-        blocked(m, n, k, c, c_rs, a, bsrc, init, simd);
+        blocked(m, n, k, c, c_rs, AIn::InPlace(a), bsrc, init, simd);
     }
 }
 
@@ -897,42 +814,6 @@ fn pack_a_body(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
                 for (i, x) in col[..mr].iter_mut().enumerate() {
                     *x = a.data[(i0 + i) * a.rs + p * a.cs];
                 }
-            }
-        }
-    }
-}
-
-/// [`blocked`] with A already packed by [`pack_a_into`].
-#[allow(clippy::too_many_arguments)]
-fn blocked_packed_a(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    ap: &[f32],
-    b: BSrc,
-    init: Init,
-    simd: bool,
-) {
-    let (nkb, kc_full, mc_full) = blocking(m, k);
-    let npanels = n.div_ceil(NR);
-    for kb in 0..nkb {
-        let p0 = kb * kc_full;
-        let kc = kc_full.min(k - p0);
-        let init_kb = init.for_block(kb);
-        for i_blk in (0..m).step_by(mc_full) {
-            let mc = mc_full.min(m - i_blk);
-            for jp in 0..npanels {
-                let j0 = jp * NR;
-                let nr = NR.min(n - j0);
-                let b_off = jp * b.ps + p0 * b.ks;
-                let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
-                let init_tile = init_kb.cols(j0, nr);
-                // This M block's tiles are panels i_blk/MR.. of the packing, k*MR apart.
-                let a_blk = &ap[(i_blk / MR) * k * MR + p0 * MR..];
-                let a_src = ASrc { data: a_blk, rs: 1, cs: MR, tile_stride: Some(k * MR) };
-                panel(mc, nr, kc, a_src, b_tile, b.ks, &mut c[i_blk * c_rs + j0..], c_rs, init_tile, simd);
             }
         }
     }
@@ -1052,6 +933,31 @@ mod tests {
                         gemm_packed_with(m, &mut c2, c_rs, a, &pb, Init::new(acc), simd);
                         check(m, n, k, a, b, &c0, &c2, c_rs, acc, &format!("packed simd={simd} at={at} bt={bt}"));
                     }
+                }
+            }
+        }
+    }
+
+    /// Views with no unit stride (every other element, both ways) take the packed-A path.
+    #[test]
+    fn views_without_a_unit_stride() {
+        let mut rng = Rng(31337);
+        for (m, n, k) in [(1, 1, 1), (7, 5, 9), (13, 40, 33), (200, 20, 17)] {
+            let ad = rng.vec(2 * m * k * 2);
+            let bd = rng.vec(2 * k * n * 2);
+            let a = Mat::strided(&ad, 2 * k, 2);
+            let b = Mat::strided(&bd, 2, 2 * k);
+            let c0 = rng.vec(m * n);
+            let pb = PackedB::pack(k, n, b);
+            let paths: &[bool] = if simd_available() { &[true, false] } else { &[false] };
+            for &simd in paths {
+                for acc in [false, true] {
+                    let mut c = c0.clone();
+                    sgemm_with(m, n, k, &mut c, n, a, b, Init::new(acc), simd);
+                    check(m, n, k, a, b, &c0, &c, n, acc, &format!("strided sgemm simd={simd}"));
+                    let mut c2 = c0.clone();
+                    gemm_packed_with(m, &mut c2, n, a, &pb, Init::new(acc), simd);
+                    check(m, n, k, a, b, &c0, &c2, n, acc, &format!("strided packed simd={simd}"));
                 }
             }
         }
