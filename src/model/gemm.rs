@@ -99,13 +99,18 @@ pub fn gemm_prepacked(
     packed: Option<&super::kernel::PackedB>,
     accumulate: bool,
 ) {
-    match packed {
-        Some(p) if backend() == Backend::Native => {
-            assert!(p.k() == k && p.n() == n, "gemm: packed B is {}x{}, the product needs {k}x{n}", p.k(), p.n());
-            super::kernel::gemm_packed(m, c, c_rs, a, p, accumulate)
-        }
-        _ => gemm(m, n, k, c, c_rs, a, b, accumulate),
+    match native_packed(packed, k, n) {
+        Some(p) => super::kernel::gemm_packed(m, c, c_rs, a, p, accumulate),
+        None => gemm(m, n, k, c, c_rs, a, b, accumulate),
     }
+}
+
+/// `packed` when the native kernel is in use (after checking it is `k x n`); the crate
+/// backends pack per call.
+fn native_packed(packed: Option<&super::kernel::PackedB>, k: usize, n: usize) -> Option<&super::kernel::PackedB> {
+    let p = packed.filter(|_| backend() == Backend::Native)?;
+    assert!(p.k() == k && p.n() == n, "gemm: packed B is {}x{}, the product needs {k}x{n}", p.k(), p.n());
+    Some(p)
 }
 
 /// `c[i, j] = bias[j] + (a·b)[i, j]` (a linear layer's forward), with `b` optionally
@@ -124,11 +129,8 @@ pub fn gemm_bias_prepacked(
     bias: &[f32],
 ) {
     assert!(bias.len() >= n, "gemm: bias of {} values for {n} columns", bias.len());
-    match (backend(), packed) {
-        (Backend::Native, Some(p)) => {
-            assert!(p.k() == k && p.n() == n, "gemm: packed B is {}x{}, the product needs {k}x{n}", p.k(), p.n());
-            super::kernel::gemm_packed_bias(m, c, c_rs, a, p, &bias[..n])
-        }
+    match (backend(), native_packed(packed, k, n)) {
+        (_, Some(p)) => super::kernel::gemm_packed_bias(m, c, c_rs, a, p, &bias[..n]),
         (Backend::Native, None) => {
             check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
             super::kernel::sgemm_bias(m, n, k, c, c_rs, a, b, &bias[..n])

@@ -657,9 +657,28 @@ pub fn gemm_packed_bias(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &Packed
 }
 
 fn gemm_packed_with(m: usize, c: &mut [f32], c_rs: usize, a: Mat, b: &PackedB, init: Init, simd: bool) {
-    let (n, k) = (b.n, b.k);
+    packed_block_with(m, c, c_rs, a, b, 0..b.k, b.n, init, simd)
+}
+
+/// The product with rows `rows` and the first `cols` columns of a packed B.
+#[allow(clippy::too_many_arguments)]
+fn packed_block_with(
+    m: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: &PackedB,
+    rows: std::ops::Range<usize>,
+    cols: usize,
+    init: Init,
+    simd: bool,
+) {
+    assert!(rows.start <= rows.end && rows.end <= b.k, "kernel: rows {rows:?} of a packed B with {} rows", b.k);
+    assert!(cols <= b.n, "kernel: {cols} columns of a packed B with {}", b.n);
+    let (k, n) = (rows.len(), cols);
     if prologue(m, n, k, c, c_rs, &a, init) {
-        let bsrc = BSrc { data: b.buf.as_slice(), ks: NR, ps: k * NR };
+        // Panel jp's rows start at jp * (b.k * NR); a row range is an offset within each.
+        let bsrc = BSrc { data: &b.buf.as_slice()[rows.start * NR..], ks: NR, ps: b.k * NR };
         SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, init, simd));
     }
 }
@@ -679,15 +698,7 @@ pub fn gemm_packed_block(
     cols: usize,
     accumulate: bool,
 ) {
-    assert!(rows.start <= rows.end && rows.end <= b.k, "kernel: rows {rows:?} of a packed B with {} rows", b.k);
-    assert!(cols <= b.n, "kernel: {cols} columns of a packed B with {}", b.n);
-    let (k, n) = (rows.len(), cols);
-    let init = Init::new(accumulate);
-    if prologue(m, n, k, c, c_rs, &a, init) {
-        // Panel jp's rows start at jp * (b.k * NR); a row range is an offset within each.
-        let bsrc = BSrc { data: &b.buf.as_slice()[rows.start * NR..], ks: NR, ps: b.k * NR };
-        SCRATCH.with(|s| run_a(m, n, k, c, c_rs, a, bsrc, &mut s.borrow_mut().1, init, simd_available()));
-    }
+    packed_block_with(m, c, c_rs, a, b, rows, cols, Init::new(accumulate), simd_available())
 }
 
 /// `C[m, n] = A[m, k] · B[k, n]` (or `C += A·B` when `accumulate`), C row-major with row
