@@ -128,6 +128,8 @@ fn bad_profile_options_are_errors() {
         (ProfileArgs { strategy: Some("spinlock".into()), ..base.clone() }, "--strategy"),
         (ProfileArgs { config: "huge".into(), ..base.clone() }, "--config"),
         (ProfileArgs { steps: 0, ..base.clone() }, "--steps"),
+        (ProfileArgs { min_seconds: -1.0, ..base.clone() }, "--min-seconds"),
+        (ProfileArgs { min_seconds: f64::NAN, ..base.clone() }, "--min-seconds"),
     ] {
         assert!(check_profile_args(&args).is_err(), "{flag} checked up front");
         let e = run_profile(&args).expect_err(flag);
@@ -148,8 +150,30 @@ fn tiny_profile_writes_a_flamegraph() {
         quiet: true,
         ..ProfileArgs::default()
     };
-    run_profile(&args).expect("profile runs");
+    let summary = run_profile(&args).expect("profile runs");
     let svg = std::fs::read_to_string(&out).expect("flamegraph written");
     let head = svg.trim_start();
     assert!(head.starts_with("<svg") || head.starts_with("<?xml"), "SVG");
+    assert!(summary.steps >= 30, "at least --steps steps: {summary:?}");
+    assert!(summary.samples > 0, "{summary:?}");
+}
+
+#[test]
+fn fast_profiles_keep_sampling_until_min_seconds() {
+    // 5 tiny steps take a few milliseconds: too short for a 997 Hz sampler to draw anything.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = ProfileArgs {
+        config: "tiny".into(),
+        threads: Some(1),
+        steps: 5,
+        warmup: 1,
+        min_seconds: 0.5,
+        out: Some(dir.path().join("flame.svg")),
+        quiet: true,
+        ..ProfileArgs::default()
+    };
+    let summary = run_profile(&args).expect("profile runs");
+    assert!(summary.seconds >= 0.5, "{summary:?}");
+    assert!(summary.steps > 5, "kept stepping past --steps: {summary:?}");
+    assert!(summary.samples >= 10, "enough samples to draw: {summary:?}");
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 pub use machine::{load_average, measure_ceiling, Ceiling, Machine, SystemCpu, Usage};
-pub use profile::{check_profile_args, run_profile, ProfileArgs};
+pub use profile::{check_profile_args, run_profile, ProfileArgs, ProfileSummary};
 pub use report::{Cell, ModelInfo, Report};
 
 use crate::config::{ModelConfig, PRESETS};

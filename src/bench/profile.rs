@@ -19,9 +19,13 @@ pub struct ProfileArgs {
     /// Worker threads. [default: number of cores]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Profiled steps.
+    /// Profiled steps (at least; see --min-seconds).
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub steps: usize,
+    /// Keep stepping until the sampler has run this long, so a fast model (tiny) still yields
+    /// enough samples to draw: 20 tiny steps take ~10 ms, about 10 samples at 997 Hz.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub min_seconds: f64,
     /// Unprofiled steps first, so start-up is not in the picture.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: usize,
@@ -51,6 +55,7 @@ impl Default for ProfileArgs {
             config: "seed".into(),
             threads: None,
             steps: 20,
+            min_seconds: 1.0,
             warmup: 2,
             strategy: None,
             batch: None,
@@ -82,6 +87,9 @@ fn resolve(args: &ProfileArgs) -> Result<Resolved> {
     if args.steps == 0 {
         crate::bail!("--steps: must be at least 1");
     }
+    if !(args.min_seconds.is_finite() && (0.0..=3600.0).contains(&args.min_seconds)) {
+        crate::bail!("--min-seconds: {} is outside 0..=3600", args.min_seconds);
+    }
     if !(1..=10_000).contains(&args.frequency) {
         crate::bail!("--frequency: {} is outside 1..=10000 Hz", args.frequency);
     }
@@ -101,8 +109,21 @@ pub fn check_profile_args(args: &ProfileArgs) -> Result<()> {
     resolve(args).map(|_| ())
 }
 
-/// `cllm profile`: trains `steps` steps under the sampler and writes the flamegraph atomically.
-pub fn run_profile(args: &ProfileArgs) -> Result<()> {
+/// What a profile run did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProfileSummary {
+    /// Steps trained under the sampler (at least `--steps`).
+    pub steps: usize,
+    /// Wall time of those steps.
+    pub seconds: f64,
+    /// Stack samples in the flamegraph.
+    pub samples: u64,
+}
+
+/// `cllm profile`: trains at least `steps` steps, and for at least `min_seconds`, under the
+/// sampler, and writes the flamegraph atomically. A run that collected no samples is an error
+/// (an empty flamegraph would look like a result).
+pub fn run_profile(args: &ProfileArgs) -> Result<ProfileSummary> {
     let Resolved { cfg, batch, threads, strategy } = resolve(args)?;
     let out = profile_out(args);
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -116,6 +137,10 @@ pub fn run_profile(args: &ProfileArgs) -> Result<()> {
     for (x, y) in &data[..args.warmup] {
         trainer.step(x, y, LR)?;
     }
+    // pprof's sampler is one per process: a second run in the same process (tests, an embedder)
+    // waits here rather than failing to start it.
+    static SAMPLER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _sampler = SAMPLER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     // Frames of the C runtime and the kernel-entry trampolines would only add noise at the
     // top of every stack (and unwinding through vdso can fault).
     let guard = pprof::ProfilerGuardBuilder::default()
@@ -123,27 +148,40 @@ pub fn run_profile(args: &ProfileArgs) -> Result<()> {
         .blocklist(&["libc", "libgcc", "pthread", "vdso"])
         .build()
         .map_err(|e| crate::err!("cannot start the profiler: {e}"))?;
+    // Past `steps`, the profiled batches are reused in order: they are already in memory, and
+    // the cost of a step does not depend on which tokens it sees.
+    let profiled = &data[args.warmup..];
     let t0 = Instant::now();
-    for (x, y) in &data[args.warmup..] {
+    let mut steps = 0;
+    while steps < args.steps || t0.elapsed().as_secs_f64() < args.min_seconds {
+        let (x, y) = &profiled[steps % profiled.len()];
         trainer.step(x, y, LR)?;
+        steps += 1;
     }
     let elapsed = t0.elapsed();
     let report = guard.report().build().map_err(|e| crate::err!("cannot build the profile: {e}"))?;
     drop(guard);
     drop(trainer);
 
+    let samples: u64 = report.data.values().map(|&n| n.max(0) as u64).sum();
+    if samples == 0 {
+        crate::bail!(
+            "no stack samples in {steps} steps ({:.2} s at {} Hz): raise --min-seconds or --steps",
+            elapsed.as_secs_f64(),
+            args.frequency
+        );
+    }
     let mut svg = Vec::new();
     report.flamegraph(&mut svg).map_err(|e| crate::err!("cannot draw the flamegraph: {e}"))?;
     super::report::write_file(&out, &svg)?;
+    let summary = ProfileSummary { steps, seconds: elapsed.as_secs_f64(), samples };
     if !args.quiet {
-        let samples: isize = report.data.values().sum();
         eprintln!(
-            "[profile] {} x{threads} {strategy}: {} steps in {:.2} s, {samples} samples -> {}",
+            "[profile] {} x{threads} {strategy}: {steps} steps in {:.2} s, {samples} samples -> {}",
             args.config,
-            args.steps,
-            elapsed.as_secs_f64(),
+            summary.seconds,
             out.display()
         );
     }
-    Ok(())
+    Ok(summary)
 }

@@ -128,7 +128,7 @@ pub fn dispatch(cli: Cli) -> CliResult {
         }
         Command::Profile(args) => {
             crate::bench::check_profile_args(&args).map_err(|e| Failure::usage(e.0))?;
-            crate::bench::run_profile(&args).map_err(Failure::from)
+            crate::bench::run_profile(&args).map(|_| ()).map_err(Failure::from)
         }
     }
 }
