@@ -23,7 +23,10 @@
 //! `step-*`), fsyncs each file and the temporary directory, renames it to `step-NNNNNN` and
 //! fsyncs `OUT`. Readers only ever look at `step-*` names, so a crash or kill at any moment
 //! leaves every earlier checkpoint intact and the new one either complete or invisible.
-//! [`prune`] deletes old checkpoints only after the new one is in place.
+//! [`prune`] deletes old checkpoints only after the new one is in place, and first renames each
+//! to `.pruned-step-NNNNNN-<pid>`: deleting a directory takes one call per file, and a run
+//! killed in the middle of that would otherwise leave a `step-*` directory with only some of
+//! its files (seen in CI: `state.json` gone, the weights still there).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -317,18 +320,30 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let all = list(out)?;
     let excess = all.len().saturating_sub(keep);
     let mut removed = Vec::new();
+    let mut doomed = Vec::new();
     for (_, dir) in all.into_iter().take(excess) {
-        fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, &e))?;
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+        let aside = out.join(format!(".pruned-{name}-{}", std::process::id()));
+        if aside.exists() {
+            fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, &e))?;
+        }
+        fs::rename(&dir, &aside).map_err(|e| io_err(&dir, &e))?;
+        doomed.push(aside);
         removed.push(dir);
     }
     if !removed.is_empty() {
+        // The renames are on disk before any file goes: a crash from here on leaves only
+        // hidden directories, which `remove_stale_temps` clears on the next run.
         sync_dir(out)?;
+    }
+    for aside in doomed {
+        fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, &e))?;
     }
     Ok(removed)
 }
 
-/// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID` and
-/// `.replaced-step-*-PID` whose process is gone). Only done where `/proc` tells whether a
+/// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID`,
+/// `.replaced-step-*-PID` and `.pruned-step-*-PID` whose process is gone). Only done where `/proc` tells whether a
 /// process lives; elsewhere they are left alone, which is harmless.
 pub fn remove_stale_temps(out: &Path) {
     let proc_root = Path::new("/proc/self");
@@ -339,7 +354,7 @@ pub fn remove_stale_temps(out: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !(name.starts_with(".tmp-step-") || name.starts_with(".replaced-step-")) {
+        if ![".tmp-step-", ".replaced-step-", ".pruned-step-"].iter().any(|p| name.starts_with(p)) {
             continue;
         }
         let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
@@ -460,8 +475,40 @@ mod tests {
 
     #[test]
     fn temporary_names_are_not_checkpoints() {
-        for name in [".tmp-step-000042-123", ".replaced-step-000042-9", "step-", "step-12a", "steps-000001"] {
+        for name in [
+            ".tmp-step-000042-123",
+            ".replaced-step-000042-9",
+            ".pruned-step-000042-9",
+            "step-",
+            "step-12a",
+            "steps-000001",
+        ] {
             assert_eq!(parse_step_dir_name(name), None, "{name}");
         }
+    }
+
+    #[test]
+    fn prune_leaves_no_partial_step_directory_and_stale_leftovers_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        for step in 1..=3 {
+            let d = out.join(step_dir_name(step));
+            fs::create_dir(&d).unwrap();
+            fs::write(d.join(STATE_FILE), b"{}").unwrap();
+        }
+        let removed = prune(out, 1).unwrap();
+        assert_eq!(removed.len(), 2);
+        let names: Vec<String> =
+            fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, [step_dir_name(3)], "only the newest is left, nothing half-deleted or hidden");
+
+        // What a prune killed between its rename and its delete leaves behind: hidden, so never
+        // listed, and cleared once its process is gone.
+        let leftover = out.join(".pruned-step-000002-4000000000");
+        fs::create_dir(&leftover).unwrap();
+        fs::write(leftover.join(MODEL_FILE), b"partial").unwrap();
+        assert_eq!(list(out).unwrap().len(), 1);
+        remove_stale_temps(out);
+        assert!(!leftover.exists() || !Path::new("/proc/self").exists());
     }
 }
