@@ -120,9 +120,7 @@ pub fn forward_with_layout(
             c,
             c,
         );
-        for (r, &x) in a.res2[..n * c].iter_mut().zip(resid) {
-            *r += x;
-        }
+        add_inplace(&mut a.res2[..n * c], resid);
         layernorm_forward(
             &mut a.ln2[..n * c],
             &mut a.ln2_mean[..n],
@@ -155,9 +153,7 @@ pub fn forward_with_layout(
             4 * c,
             c,
         );
-        for (r, &x) in a.res3[..n * c].iter_mut().zip(&a.res2[..n * c]) {
-            *r += x;
-        }
+        add_inplace(&mut a.res3[..n * c], &a.res2[..n * c]);
     }
     let last: &[f32] = match acts.blocks.last() {
         Some(blk) => &blk.res3[..n * c],

@@ -259,12 +259,23 @@ pub fn linear_backward(
     bias_backward(dbias, dout, n, oc);
 }
 
-/// dbias[OC] += Σ_rows dout[N,OC]
-pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize, oc: usize) {
-    for r in 0..n {
-        let d = &dout[r * oc..][..oc];
-        for (db, &g) in dbias[..oc].iter_mut().zip(d) {
-            *db += g;
+multiversion! {
+    /// dbias[OC] += Σ_rows dout[N,OC]
+    pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize, oc: usize) {
+        for r in 0..n {
+            let d = &dout[r * oc..][..oc];
+            for (db, &g) in dbias[..oc].iter_mut().zip(d) {
+                *db += g;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// dst[·] += src[·] (a residual connection).
+    pub fn add_inplace(dst: &mut [f32], src: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d += x;
         }
     }
 }
