@@ -4,6 +4,8 @@
 //! Every sum here has a fixed association order that depends only on the slice length, never on
 //! the thread count, so the trainer's `segmented` strategy stays bit-deterministic.
 
+use crate::simd::multiversion;
+
 /// How many bad entries a scan keeps for the report.
 pub const MAX_BAD: usize = 5;
 
@@ -135,41 +137,34 @@ pub fn add_scaled(dst: &mut [f32], src: &[f32], f: f32) {
 /// bits): the reduction's fused scan reads each gradient chunk once for both.
 pub fn accumulate_with_sqnorm(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
     assert_eq!(dst.len(), src.len(), "accumulate_with_sqnorm: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
-            accumulate_with_sqnorm_body(dst, src, f, first)
-        }
-        // SAFETY: AVX2 and FMA are present (checked just above), all `avx2` requires.
-        return unsafe { avx2(dst, src, f, first) };
-    }
-    accumulate_with_sqnorm_body(dst, src, f, first)
+    accumulate_with_sqnorm_elements(dst, src, f, first)
 }
 
-#[inline(always)]
-fn accumulate_with_sqnorm_body(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
-    // The lane structure of `sqnorm`, so the sum has the same bits. `x * 1.0` is exact, so
-    // `f == 1.0` copies and adds exactly, as in `copy_scaled` and `add_scaled`.
-    let mut acc = [0.0f64; LANES];
-    let mut dc = dst.chunks_exact_mut(LANES);
-    let mut sc = src.chunks_exact(LANES);
-    for (d, s) in (&mut dc).zip(&mut sc) {
-        for l in 0..LANES {
-            let v = s[l];
-            acc[l] += v as f64 * v as f64;
-            d[l] = if first { v * f } else { d[l] + v * f };
+multiversion! {
+    /// [`accumulate_with_sqnorm`]'s loop, dispatched to AVX2 at run time.
+    fn accumulate_with_sqnorm_elements(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
+        // The lane structure of `sqnorm`, so the sum has the same bits. `x * 1.0` is exact, so
+        // `f == 1.0` copies and adds exactly, as in `copy_scaled` and `add_scaled`.
+        let mut acc = [0.0f64; LANES];
+        let mut dc = dst.chunks_exact_mut(LANES);
+        let mut sc = src.chunks_exact(LANES);
+        for (d, s) in (&mut dc).zip(&mut sc) {
+            for l in 0..LANES {
+                let v = s[l];
+                acc[l] += v as f64 * v as f64;
+                d[l] = if first { v * f } else { d[l] + v * f };
+            }
         }
+        let mut total = 0.0f64;
+        for (d, &v) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+            total += v as f64 * v as f64;
+            *d = if first { v * f } else { *d + v * f };
+        }
+        for a in acc {
+            total += a;
+        }
+        total
     }
-    let mut total = 0.0f64;
-    for (d, &v) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
-        total += v as f64 * v as f64;
-        *d = if first { v * f } else { *d + v * f };
-    }
-    for a in acc {
-        total += a;
-    }
-    total
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod generate;
 pub mod grad;
 pub mod model;
 pub mod optim;
+mod simd;
 pub mod sync;
 pub mod train;
 

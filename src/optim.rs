@@ -13,6 +13,8 @@
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
+use crate::simd::multiversion;
+
 /// AdamW hyper-parameters. `lr` is the default rate; the trainer passes the scheduled rate of
 /// each step explicitly.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,19 +97,7 @@ impl AdamWConfig {
         let inv_bc2 = (1.0 / (1.0 - (b2 as f64).powi(t_exp))) as f32;
         let decay = 1.0 - lr * self.weight_decay;
         let k = Coefficients { b1, b2, eps, inv_bc1, inv_bc2, decay, lr, grad_scale };
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // Eight lanes instead of four, and the divide and square root on 256-bit vectors.
-            // The same IEEE operations in the same order (Rust never contracts a multiply and
-            // an add into an FMA), so the same bits as the baseline build.
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
-                update_body(params, grads, m, v, k)
-            }
-            // SAFETY: AVX2 and FMA are present (checked just above), all `avx2` requires.
-            return unsafe { avx2(params, grads, m, v, &k) };
-        }
-        update_body(params, grads, m, v, &k)
+        update_elements(params, grads, m, v, &k);
     }
 }
 
@@ -123,18 +113,21 @@ struct Coefficients {
     grad_scale: f32,
 }
 
-#[inline(always)]
-fn update_body(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
-    let Coefficients { b1, b2, eps, inv_bc1, inv_bc2, decay, lr, grad_scale } = *k;
-    for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g * grad_scale;
-        let mm = b1 * *m + (1.0 - b1) * g;
-        let vv = b2 * *v + (1.0 - b2) * g * g;
-        *m = mm;
-        *v = vv;
-        let mhat = mm * inv_bc1;
-        let vhat = vv * inv_bc2;
-        *p = *p * decay - lr * mhat / (vhat.sqrt() + eps);
+multiversion! {
+    /// The element-wise AdamW update (dispatched to AVX2 at run time: eight lanes, and the
+    /// divide and square root on 256-bit vectors).
+    fn update_elements(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], k: &Coefficients) {
+        let Coefficients { b1, b2, eps, inv_bc1, inv_bc2, decay, lr, grad_scale } = *k;
+        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * grad_scale;
+            let mm = b1 * *m + (1.0 - b1) * g;
+            let vv = b2 * *v + (1.0 - b2) * g * g;
+            *m = mm;
+            *v = vv;
+            let mhat = mm * inv_bc1;
+            let vhat = vv * inv_bc2;
+            *p = *p * decay - lr * mhat / (vhat.sqrt() + eps);
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use super::gemm::{backend, Backend};
 use super::gemm::{gemm, gemm_bias_prepacked, gemm_prepacked, Mat};
 use super::kernel::{gemm_packed_block, PackedB};
+use crate::simd::multiversion;
 use std::cell::RefCell;
 
 /// LayerNorm epsilon, as GPT-2.
@@ -59,35 +60,6 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
         acc[j] += x * y;
     }
     combine_lanes(&acc)
-}
-
-/// Defines `pub fn $name` that runs its body compiled for AVX2+FMA when the CPU has them
-/// (detected once at run time) and for the baseline target otherwise, so the elementwise
-/// loops vectorize 8-wide without building the whole binary for one CPU.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
-            #[allow(clippy::too_many_arguments)]
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[allow(clippy::too_many_arguments)]
-                #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
-                    // `avx2`'s target_feature attribute requires.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
 }
 
 // ---------------------------------------------------------------------------------------
