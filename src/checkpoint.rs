@@ -343,8 +343,8 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID`,
-/// `.replaced-step-*-PID` and `.pruned-step-*-PID` whose process is gone). Only done where `/proc` tells whether a
-/// process lives; elsewhere they are left alone, which is harmless.
+/// `.replaced-step-*-PID` and `.pruned-step-*-PID` whose process is gone). Only done where
+/// `/proc` tells whether a process lives; elsewhere they are left alone, which is harmless.
 pub fn remove_stale_temps(out: &Path) {
     let proc_root = Path::new("/proc/self");
     if !proc_root.exists() {
