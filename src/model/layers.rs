@@ -5,7 +5,7 @@
 use super::gemm::{backend, Backend};
 use super::gemm::{gemm, gemm_bias_prepacked, gemm_prepacked, Mat};
 use super::kernel::{gemm_packed_block, PackedB};
-use crate::simd::multiversion;
+use crate::simd::{multiversion, simd_dispatch, Portable, Simd};
 use std::cell::RefCell;
 
 /// LayerNorm epsilon, as GPT-2.
@@ -13,54 +13,6 @@ pub const LN_EPS: f32 = 1e-5;
 
 /// Partial sums kept by the reductions below: one 256-bit vector.
 const LANES: usize = 8;
-
-/// Adds the lanes of a partial-sum vector in a fixed tree order.
-#[inline(always)]
-fn combine_lanes(acc: &[f32; LANES]) -> f32 {
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
-
-/// Σ f(x[i]), element i going to partial sum i % 8. A plain running sum cannot vectorize
-/// (float addition does not reassociate); eight partial sums in a fixed order do, and the
-/// result is still a pure function of the input.
-#[inline(always)]
-fn sum_lanes_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for j in 0..LANES {
-            acc[j] += f(ch[j]);
-        }
-    }
-    for (j, &v) in chunks.remainder().iter().enumerate() {
-        acc[j] += f(v);
-    }
-    combine_lanes(&acc)
-}
-
-/// Σ x[i] (see [`sum_lanes_map`]).
-#[inline(always)]
-fn sum_lanes(x: &[f32]) -> f32 {
-    sum_lanes_map(x, |v| v)
-}
-
-/// Σ a[i]·b[i] over the shorter length, with the partial sums of [`sum_lanes_map`].
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; LANES];
-    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for j in 0..LANES {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[j] += x * y;
-    }
-    combine_lanes(&acc)
-}
 
 // ---------------------------------------------------------------------------------------
 // Embedding
@@ -112,9 +64,10 @@ pub fn encoder_backward(
 // LayerNorm
 // ---------------------------------------------------------------------------------------
 
-multiversion! {
+simd_dispatch! {
     /// out[N,C] = (inp - mean) · rstd · w + b; saves mean[N], rstd[N] for the backward pass.
-    pub fn layernorm_forward(
+    pub fn layernorm_forward<S>(
+        simd,
         out: &mut [f32],
         mean: &mut [f32],
         rstd: &mut [f32],
@@ -124,10 +77,17 @@ multiversion! {
         n: usize,
         c: usize,
     ) {
+        let s = simd;
+        // Exact-length views let the last loop vectorize (no bounds check per element).
+        let (w, bias) = (&w[..c], &bias[..c]);
         for r in 0..n {
             let x = &inp[r * c..][..c];
-            let m = sum_lanes(x) / c as f32;
-            let var = sum_lanes_map(x, |v| (v - m) * (v - m));
+            let m = lane_sum(s, x, 0.0, |v| v) / c as f32;
+            let mv = s.splat(m);
+            let var = lane_sum(s, x, m, |v| {
+                let d = s.sub(v, mv);
+                s.mul(d, d)
+            });
             let rs = 1.0 / (var / c as f32 + LN_EPS).sqrt();
             let o = &mut out[r * c..][..c];
             for i in 0..c {
@@ -139,9 +99,26 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// dinp[N,C] += ..., dw[C] += ..., db[C] += ... (one pass per row over dout and inp).
-    pub fn layernorm_backward(
+/// Σ f(x[i]) with element i in lane i % 8 and the lanes combined by [`Simd::sum`]. `f` gets
+/// eight elements at a time; the tail is padded with `pad`, whose `f` must be +0 (or -0).
+#[inline(always)]
+fn lane_sum<S: Simd>(s: S, x: &[f32], pad: f32, f: impl Fn(S::V) -> S::V) -> f32 {
+    let (xv, xt) = x.as_chunks::<LANES>();
+    let mut acc = s.splat(0.0);
+    for ch in xv {
+        acc = s.add(acc, f(s.load(ch)));
+    }
+    if !xt.is_empty() {
+        acc = s.add(acc, f(s.load_partial(xt, pad)));
+    }
+    s.sum(acc)
+}
+
+simd_dispatch! {
+    /// dinp[N,C] += ..., dw[C] += ..., db[C] += ... (per row: one pass for two reductions,
+    /// then one that writes all three).
+    pub fn layernorm_backward<S>(
+        simd,
         dinp: &mut [f32],
         dw: &mut [f32],
         db: &mut [f32],
@@ -153,30 +130,34 @@ multiversion! {
         n: usize,
         c: usize,
     ) {
+        let s = simd;
+        // Exact-length views let the last loop vectorize (no bounds check per element).
+        let (w, dw, db) = (&w[..c], &mut dw[..c], &mut db[..c]);
+        let (w_vec, w_tail) = w.as_chunks::<LANES>();
         for r in 0..n {
             let x = &inp[r * c..][..c];
             let d = &dout[r * c..][..c];
             let (m, rs) = (mean[r], rstd[r]);
             // Two reductions: mean of dnorm and mean of dnorm·norm, where dnorm = w·dout.
-            let (mut s_dn, mut s_dnn) = ([0.0f32; LANES], [0.0f32; LANES]);
-            let full = c / LANES * LANES;
-            for i0 in (0..full).step_by(LANES) {
-                for j in 0..LANES {
-                    let i = i0 + j;
-                    let norm = (x[i] - m) * rs;
-                    let dn = w[i] * d[i];
-                    s_dn[j] += dn;
-                    s_dnn[j] += dn * norm;
-                }
+            let (mv, rsv) = (s.splat(m), s.splat(rs));
+            let (mut s_dn, mut s_dnn) = (s.splat(0.0), s.splat(0.0));
+            let mut accumulate = |xs: S::V, ds: S::V, ws: S::V| {
+                let norm = s.mul(s.sub(xs, mv), rsv);
+                let dn = s.mul(ws, ds);
+                s_dn = s.add(s_dn, dn);
+                s_dnn = s.add(s_dnn, s.mul(dn, norm));
+            };
+            let (x_vec, x_tail) = x.as_chunks::<LANES>();
+            let (d_vec, d_tail) = d.as_chunks::<LANES>();
+            for ((xs, ds), ws) in x_vec.iter().zip(d_vec).zip(w_vec) {
+                accumulate(s.load(xs), s.load(ds), s.load(ws));
             }
-            for i in full..c {
-                let norm = (x[i] - m) * rs;
-                let dn = w[i] * d[i];
-                s_dn[i - full] += dn;
-                s_dnn[i - full] += dn * norm;
+            if !x_tail.is_empty() {
+                // Padding that adds +0 to both sums: x = mean, dout = w = 0.
+                accumulate(s.load_partial(x_tail, m), s.load_partial(d_tail, 0.0), s.load_partial(w_tail, 0.0));
             }
-            let dnorm_mean = combine_lanes(&s_dn) / c as f32;
-            let dnorm_norm_mean = combine_lanes(&s_dnn) / c as f32;
+            let dnorm_mean = s.sum(s_dn) / c as f32;
+            let dnorm_norm_mean = s.sum(s_dnn) / c as f32;
             let di = &mut dinp[r * c..][..c];
             for i in 0..c {
                 let norm = (x[i] - m) * rs;
@@ -400,38 +381,73 @@ pub fn attention_backward(
     })
 }
 
-multiversion! {
+simd_dispatch! {
     /// In place on a T×T score matrix: row i becomes softmax(scale · row[..=i]) followed by
     /// zeros (the causal mask).
-    fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+    fn causal_softmax_rows<S>(simd, p: &mut [f32], t: usize, scale: f32) {
         for i in 0..t {
             let (live, masked) = p[i * t..][..t].split_at_mut(i + 1);
-            let mx = row_max(live);
-            for s in live.iter_mut() {
-                *s = fast_exp((*s - mx) * scale);
+            softmax_row(simd, live, scale);
+            masked.fill(0.0);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// In place, from dP to dS with the score scale folded in: dS = P ⊙ (dP - rowsum(P ⊙ dP))
+    /// · scale on and below the diagonal, zero above.
+    fn causal_softmax_backward_rows<S>(simd, p: &[f32], ds: &mut [f32], t: usize, scale: f32) {
+        let s = simd;
+        for i in 0..t {
+            let pr = &p[i * t..][..=i];
+            let (live, masked) = ds[i * t..][..t].split_at_mut(i + 1);
+            let (pv, pt) = pr.as_chunks::<LANES>();
+            let (dv, dt) = live.as_chunks::<LANES>();
+            let mut acc = s.splat(0.0);
+            for (a, b) in pv.iter().zip(dv) {
+                acc = s.add(acc, s.mul(s.load(a), s.load(b)));
             }
-            let inv = 1.0 / sum_lanes(live);
-            for s in live.iter_mut() {
-                *s *= inv;
+            if !pt.is_empty() {
+                acc = s.add(acc, s.mul(s.load_partial(pt, 0.0), s.load_partial(dt, 0.0)));
+            }
+            let dot = s.sum(acc);
+            for (d, &pj) in live.iter_mut().zip(pr) {
+                *d = pj * (*d - dot) * scale;
             }
             masked.fill(0.0);
         }
     }
 }
 
-multiversion! {
-    /// In place, from dP to dS with the score scale folded in: dS = P ⊙ (dP - rowsum(P ⊙ dP))
-    /// · scale on and below the diagonal, zero above.
-    fn causal_softmax_backward_rows(p: &[f32], ds: &mut [f32], t: usize, scale: f32) {
-        for i in 0..t {
-            let pr = &p[i * t..][..=i];
-            let (live, masked) = ds[i * t..][..t].split_at_mut(i + 1);
-            let dot = dot_lanes(pr, live);
-            for (d, &pj) in live.iter_mut().zip(pr) {
-                *d = pj * (*d - dot) * scale;
-            }
-            masked.fill(0.0);
-        }
+/// In place: row = softmax(scale · row). The maximum is subtracted first (a NaN is not
+/// picked as the maximum, but it reaches every output through the sum).
+#[inline(always)]
+fn softmax_row<S: Simd>(s: S, row: &mut [f32], scale: f32) {
+    let (rv, rt) = row.as_chunks_mut::<LANES>();
+    let mut mx = s.splat(f32::NEG_INFINITY);
+    for ch in rv.iter() {
+        mx = s.max(s.load(ch), mx);
+    }
+    if !rt.is_empty() {
+        mx = s.max(s.load_partial(rt, f32::NEG_INFINITY), mx);
+    }
+    let mx = s.splat(s.max_lane(mx));
+    let scale_v = s.splat(scale);
+    let mut acc = s.splat(0.0);
+    for ch in rv.iter_mut() {
+        let e = s.exp(s.mul(s.sub(s.load(ch), mx), scale_v));
+        s.store(e, ch);
+        acc = s.add(acc, e);
+    }
+    if !rt.is_empty() {
+        let e = s.exp(s.mul(s.sub(s.load_partial(rt, 0.0), mx), scale_v));
+        s.store_partial(e, rt);
+        // Only the row's lanes join the sum (the padding's exponentials would not be 0).
+        acc = s.add(acc, s.load_partial(rt, 0.0));
+    }
+    let inv = 1.0 / s.sum(acc);
+    for x in row.iter_mut() {
+        *x *= inv;
     }
 }
 
@@ -442,65 +458,70 @@ multiversion! {
 const GELU_K: f32 = 0.797_884_6; // sqrt(2/pi)
 const GELU_C: f32 = 0.044715;
 
-/// e^x for f32, branch-free so loops over it vectorize: range reduction to
-/// x = k·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial for e^r (relative error < 2e-7,
-/// about one f32 ulp), and 2^k built in the exponent bits. Inputs are clamped to
-/// [-87, 88], where e^x stays a normal f32.
-#[inline(always)]
+/// e^x for one f32: [`Simd::exp`] (the same bits as the vectorized loops).
 pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding 1.5·2^23 rounds to the nearest integer and leaves that integer in the low
-    // mantissa bits, so no float-to-int conversion (which would not vectorize) is needed.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2E + ROUND;
-    let k = shifted - ROUND;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let k_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    let scale = f32::from_bits(k_bits.wrapping_add(127) << 23);
-    p * scale
+    Portable.exp(Portable.splat(x))[0]
 }
 
-/// GELU written as x·σ(2u), u = √(2/π)(x + 0.044715x³), which equals the tanh form
-/// 0.5·x·(1 + tanh u) exactly but needs one exp and no cancellation near 0.
+/// (GELU(x), GELU'(x)) per lane. GELU is written as x·σ(2u), u = √(2/π)(x + 0.044715x³), which
+/// equals the tanh form 0.5·x·(1 + tanh u) exactly but needs one exp and no cancellation
+/// near 0; GELU'(x) = d/dx [x·σ] = σ + x·σ(1−σ)·2u'(x).
 #[inline(always)]
-fn gelu_sigmoid(x: f32) -> f32 {
-    let u = GELU_K * (x + GELU_C * x * x * x);
-    1.0 / (1.0 + fast_exp(-2.0 * u))
+fn gelu_and_grad<S: Simd>(s: S, x: S::V) -> (S::V, S::V) {
+    let one = s.splat(1.0);
+    let x2 = s.mul(x, x);
+    // -2u = x·(-2K - 2KC·x²)
+    let minus_2u = s.mul(s.mul_add(x2, s.splat(-2.0 * GELU_K * GELU_C), s.splat(-2.0 * GELU_K)), x);
+    let sg = s.div(one, s.add(one, s.exp(minus_2u)));
+    let y = s.mul(x, sg);
+    // 2u' = 2K + 6KC·x²
+    let du2 = s.mul_add(x2, s.splat(6.0 * GELU_K * GELU_C), s.splat(2.0 * GELU_K));
+    let grad = s.mul_add(s.mul(x, du2), s.mul(sg, s.sub(one, sg)), sg);
+    (y, grad)
 }
 
-multiversion! {
-    /// out = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
-    pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
-        for (o, &x) in out.iter_mut().zip(inp) {
-            *o = x * gelu_sigmoid(x);
-        }
+/// Runs `f` on `a` eight lanes at a time (the tail padded with zeros, only its own lanes
+/// written back), handing it the chunk of `b` at the same place.
+#[inline(always)]
+fn map_lanes<S: Simd>(s: S, a: &mut [f32], b: &[f32], mut f: impl FnMut(S::V, S::V) -> S::V) {
+    let n = a.len().min(b.len());
+    let (av, at) = a[..n].as_chunks_mut::<LANES>();
+    let (bv, bt) = b[..n].as_chunks::<LANES>();
+    for (x, y) in av.iter_mut().zip(bv) {
+        let r = f(s.load(x), s.load(y));
+        s.store(r, x);
+    }
+    if !at.is_empty() {
+        let r = f(s.load_partial(at, 0.0), s.load_partial(bt, 0.0));
+        s.store_partial(r, at);
     }
 }
 
-#[inline(always)]
-fn gelu_grad(x: f32) -> f32 {
-    gelu_grad_from(x, gelu_sigmoid(x))
+simd_dispatch! {
+    /// out = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
+    pub fn gelu_forward<S>(simd, out: &mut [f32], inp: &[f32]) {
+        map_lanes(simd, out, inp, |_, x| gelu_and_grad(simd, x).0);
+    }
 }
 
-/// GELU'(x) given s = σ(2u(x)): d/dx [x·s] = s + 2x·s(1−s)·u'(x).
-#[inline(always)]
-fn gelu_grad_from(x: f32, s: f32) -> f32 {
-    s + 2.0 * x * s * (1.0 - s) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
-}
-
-multiversion! {
+simd_dispatch! {
     /// out = GELU(x), and x is replaced by GELU'(x): the forward pass computes the sigmoid
     /// both need once, and the backward pass is left with a multiplication
     /// ([`gelu_backward_saved`]). The same bits as [`gelu_forward`] and [`gelu_backward`].
-    pub fn gelu_forward_saving_grad(out: &mut [f32], x_then_grad: &mut [f32]) {
-        for (o, x) in out.iter_mut().zip(x_then_grad.iter_mut()) {
-            let s = gelu_sigmoid(*x);
-            *o = *x * s;
-            *x = gelu_grad_from(*x, s);
+    pub fn gelu_forward_saving_grad<S>(simd, out: &mut [f32], x_then_grad: &mut [f32]) {
+        let s = simd;
+        let n = out.len().min(x_then_grad.len());
+        let (ov, ot) = out[..n].as_chunks_mut::<LANES>();
+        let (xv, xt) = x_then_grad[..n].as_chunks_mut::<LANES>();
+        for (o, x) in ov.iter_mut().zip(xv.iter_mut()) {
+            let (y, g) = gelu_and_grad(s, s.load(x));
+            s.store(y, o);
+            s.store(g, x);
+        }
+        if !xt.is_empty() {
+            let (y, g) = gelu_and_grad(s, s.load_partial(xt, 0.0));
+            s.store_partial(y, ot);
+            s.store_partial(g, xt);
         }
     }
 }
@@ -514,33 +535,25 @@ multiversion! {
     }
 }
 
-multiversion! {
+simd_dispatch! {
     /// dinp (overwrites) = gelu'(inp) · dout
-    pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
-        for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
-            *di = gelu_grad(x) * d;
-        }
+    pub fn gelu_backward<S>(simd, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        let n = inp.len().min(dout.len()).min(dinp.len());
+        dinp[..n].copy_from_slice(&dout[..n]);
+        gelu_backward_inplace_body(simd, &mut dinp[..n], inp);
     }
 }
 
-multiversion! {
+simd_dispatch! {
     /// In place: d[·] = gelu'(inp) · d
-    pub fn gelu_backward_inplace(d: &mut [f32], inp: &[f32]) {
-        for (di, &x) in d.iter_mut().zip(inp) {
-            *di *= gelu_grad(x);
-        }
+    pub fn gelu_backward_inplace<S>(simd, d: &mut [f32], inp: &[f32]) {
+        gelu_backward_inplace_body(simd, d, inp);
     }
 }
 
-/// The maximum of a row; a plain comparison (unlike `f32::max`'s NaN rules) lets the loop
-/// vectorize. A NaN logit makes the loss NaN either way, which the trainer's scan catches.
-#[inline]
-fn row_max(row: &[f32]) -> f32 {
-    let mut m = f32::NEG_INFINITY;
-    for &x in row {
-        m = if x > m { x } else { m };
-    }
-    m
+#[inline(always)]
+fn gelu_backward_inplace_body<S: Simd>(s: S, d: &mut [f32], inp: &[f32]) {
+    map_lanes(s, d, inp, |dv, x| s.mul(dv, gelu_and_grad(s, x).1));
 }
 
 /// out = a + b
@@ -566,19 +579,11 @@ pub fn softmax_crossentropy_forward(probs: &mut [f32], losses: &mut [f32], targe
     (total / n as f64) as f32
 }
 
-multiversion! {
+simd_dispatch! {
     /// Softmax only (no targets), in place: logits[N,V] -> probs[N,V].
-    pub fn softmax_forward(probs: &mut [f32], n: usize, v: usize) {
+    pub fn softmax_forward<S>(simd, probs: &mut [f32], n: usize, v: usize) {
         for r in 0..n {
-            let row = &mut probs[r * v..][..v];
-            let mx = row_max(row);
-            for x in row.iter_mut() {
-                *x = fast_exp(*x - mx);
-            }
-            let inv = 1.0 / sum_lanes(row);
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+            softmax_row(simd, &mut probs[r * v..][..v], 1.0);
         }
     }
 }
@@ -602,13 +607,66 @@ mod tests {
     fn lane_sums_match_a_double_precision_sum_at_every_length() {
         for n in 0..40 {
             let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7).collect();
             let sum: f64 = a.iter().map(|&x| x as f64).sum();
-            let dot: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
             let sq: f64 = a.iter().map(|&x| x as f64 * x as f64).sum();
-            assert!((sum_lanes(&a) as f64 - sum).abs() < 1e-5, "sum, n={n}");
-            assert!((dot_lanes(&a, &b) as f64 - dot).abs() < 1e-5, "dot, n={n}");
-            assert!((sum_lanes_map(&a, |x| x * x) as f64 - sq).abs() < 1e-5, "sum of squares, n={n}");
+            let s = Portable;
+            assert!((lane_sum(s, &a, 0.0, |v| v) as f64 - sum).abs() < 1e-5, "sum, n={n}");
+            assert!((lane_sum(s, &a, 0.0, |v| s.mul(v, v)) as f64 - sq).abs() < 1e-5, "sum of squares, n={n}");
+        }
+    }
+
+    /// Inputs for the parity tests: ordinary values, large ones, ±0, and the exp clamp's edges.
+    fn parity_inputs() -> Vec<f32> {
+        let mut x: Vec<f32> = (0..3001).map(|i| (i as f32 - 1500.0) * 0.0123).collect();
+        x.extend([0.0, -0.0, 87.0, -87.0, 88.5, -90.0, 1e-30, -1e-30, 17.3, -17.3, 0.5, -0.5, 3.0]);
+        x
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_portable_lanes_give_the_same_bits() {
+        let Some(avx) = crate::simd::Avx2::detect() else {
+            eprintln!("no AVX2+FMA here: nothing to compare");
+            return;
+        };
+        let p = Portable;
+        let x = parity_inputs();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for (n, chunk) in x.chunks(8).enumerate() {
+            let mut lanes = [0.0; 8];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut got = [0.0; 8];
+            avx.store(avx.exp(avx.load(&lanes)), &mut got);
+            assert_eq!(bits(&got), bits(&p.exp(lanes)), "exp, chunk {n}");
+            let (ya, ga) = gelu_and_grad(avx, avx.load(&lanes));
+            let (yp, gp) = gelu_and_grad(p, lanes);
+            let (mut y, mut g) = ([0.0; 8], [0.0; 8]);
+            avx.store(ya, &mut y);
+            avx.store(ga, &mut g);
+            assert_eq!((bits(&y), bits(&g)), (bits(&yp), bits(&gp)), "gelu, chunk {n}");
+            assert_eq!(avx.sum(avx.load(&lanes)).to_bits(), p.sum(lanes).to_bits(), "sum, chunk {n}");
+        }
+        for len in [1, 7, 8, 9, 64, 129, 256] {
+            let (mut ra, mut rp) = (x[..len].to_vec(), x[..len].to_vec());
+            softmax_row(avx, &mut ra, 0.17);
+            softmax_row(p, &mut rp, 0.17);
+            assert_eq!(bits(&ra), bits(&rp), "softmax row of {len}");
+            let (sa, sp) = (lane_sum(avx, &x[..len], 0.0, |v| v), lane_sum(p, &x[..len], 0.0, |v| v));
+            assert_eq!(sa.to_bits(), sp.to_bits(), "lane sum of {len}");
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_propagate_nan() {
+        for len in [1, 5, 8, 13, 256] {
+            let mut row: Vec<f32> = (0..len).map(|i| (i * 7 % 5) as f32 - 30.0).collect();
+            softmax_forward(&mut row, 1, len);
+            let total: f64 = row.iter().map(|&p| p as f64).sum();
+            assert!((total - 1.0).abs() < 1e-6 && row.iter().all(|&p| p > 0.0), "len {len}: {row:?}");
+            let mut bad = vec![0.5f32; len];
+            bad[len / 2] = f32::NAN;
+            softmax_forward(&mut bad, 1, len);
+            assert!(bad.iter().all(|p| p.is_nan()), "len {len}: a NaN logit must poison the row");
         }
     }
 
