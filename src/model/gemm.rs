@@ -147,6 +147,26 @@ pub fn gemm_bias_prepacked(
     }
 }
 
+/// `c[m,n] = a[m,k] · b[k,n]` (overwriting) and `colsum[j] += Σ_p b[p, j]` (p in order): a
+/// linear layer's weight gradient and bias gradient from `b = dY`. The native kernel sums the
+/// columns while it packs `b`, so `dY` is read once; the other backends sum in a separate
+/// loop. Same bits either way.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, colsum: &mut [f32]) {
+    assert!(colsum.len() >= n, "gemm: {} column sums for {n} columns", colsum.len());
+    if backend() == Backend::Native && m > 0 && n > 0 {
+        check_bounds("c", c.len(), m, n, c_rs, 1);
+        return super::kernel::sgemm_colsum(m, n, k, c, c_rs, a, b, colsum);
+    }
+    gemm(m, n, k, c, c_rs, a, b, false);
+    check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+    for p in 0..k {
+        for (j, acc) in colsum[..n].iter_mut().enumerate() {
+            *acc += b.data[p * b.rs + j * b.cs];
+        }
+    }
+}
+
 /// [`gemm`] with an explicit backend.
 #[allow(clippy::too_many_arguments)]
 #[inline]

@@ -85,24 +85,27 @@ impl AlignedBuf {
 }
 
 /// Packs the `k x n` view `b` into `dst` (length `panels(n) * k * NR`) as 16-column panels.
-fn pack_b_into(dst: &mut [f32], k: usize, n: usize, b: Mat) {
+/// With `colsum`, also adds each column's values to `colsum[j]`, row by row in order (the
+/// bias gradient of a linear layer, from the `dY` its weight gradient packs anyway).
+fn pack_b_into(dst: &mut [f32], k: usize, n: usize, b: Mat, colsum: Option<&mut [f32]>) {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         #[target_feature(enable = "avx2,fma")]
-        fn avx2(dst: &mut [f32], k: usize, n: usize, b: Mat) {
-            pack_b_body(dst, k, n, b)
+        fn avx2(dst: &mut [f32], k: usize, n: usize, b: Mat, colsum: Option<&mut [f32]>) {
+            pack_b_body(dst, k, n, b, colsum)
         }
         // SAFETY: AVX2 and FMA are present (checked just above), all `avx2` requires.
-        return unsafe { avx2(dst, k, n, b) };
+        return unsafe { avx2(dst, k, n, b, colsum) };
     }
-    pack_b_body(dst, k, n, b)
+    pack_b_body(dst, k, n, b, colsum)
 }
 
 /// [`pack_b_into`]'s loops, inlined into a copy compiled for AVX2 (the copies move 32 bytes at
 /// a time) and a baseline copy.
 #[inline(always)]
-fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat) {
+fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat, mut colsum: Option<&mut [f32]>) {
     debug_assert_eq!(dst.len(), n.div_ceil(NR) * k * NR);
+    assert!(colsum.as_ref().is_none_or(|s| s.len() >= n), "kernel: column sums shorter than B's {n} columns");
     let full = n / NR;
     if b.cs == 1 && full > 0 {
         // Row-major B: walk each row once, front to back (one sequential read stream), and
@@ -112,6 +115,11 @@ fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat) {
             for (jp, src) in row.chunks_exact(NR).enumerate() {
                 let d = jp * k * NR + p * NR;
                 dst[d..d + NR].copy_from_slice(src);
+            }
+            if let Some(sums) = colsum.as_deref_mut() {
+                for (acc, &v) in sums[..full * NR].iter_mut().zip(row) {
+                    *acc += v;
+                }
             }
         }
     }
@@ -133,6 +141,11 @@ fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat) {
                 } else {
                     row[..nr].copy_from_slice(&b.data[s..s + nr]);
                 }
+                if let Some(sums) = colsum.as_deref_mut() {
+                    for (acc, &v) in sums[j0..j0 + nr].iter_mut().zip(&row[..nr]) {
+                        *acc += v;
+                    }
+                }
             }
         } else if b.rs == 1 {
             // Column-major B (a transposed row-major weight): each column is contiguous. Go
@@ -151,6 +164,16 @@ fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat) {
             for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
                 for (j, x) in row[..nr].iter_mut().enumerate() {
                     *x = b.data[p * b.rs + (j0 + j) * b.cs];
+                }
+            }
+        }
+        if b.cs != 1 {
+            if let Some(sums) = colsum.as_deref_mut() {
+                // Row by row in order, as above (the packed panel holds the same values).
+                for row in panel.chunks_exact(NR) {
+                    for (acc, &v) in sums[j0..j0 + nr].iter_mut().zip(&row[..nr]) {
+                        *acc += v;
+                    }
                 }
             }
         }
@@ -185,7 +208,7 @@ impl PackedB {
         let (k, n) = (self.k, self.n);
         check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
         let dst = self.buf.resize(n.div_ceil(NR) * k * NR);
-        pack_b_into(dst, k, n, b);
+        pack_b_into(dst, k, n, b, None);
     }
 
     /// Packs the `k x n` view `b`, reshaping (and growing, never shrinking) the buffer first.
@@ -706,18 +729,46 @@ pub fn gemm_packed_block(
 /// reused, so after the first calls of a given size this allocates nothing.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, accumulate: bool) {
-    sgemm_with(m, n, k, c, c_rs, a, b, Init::new(accumulate), simd_available());
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::new(accumulate), None, simd_available());
 }
 
 /// `C[i, j] = bias[j] + (A·B)[i, j]` (see [`gemm_packed_bias`]), packing B per call.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_bias(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, bias: &[f32]) {
-    sgemm_with(m, n, k, c, c_rs, a, b, Init::Bias(bias), simd_available());
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::Bias(bias), None, simd_available());
+}
+
+/// [`sgemm`] (overwriting C) that also adds B's column sums to `colsum` (`colsum[j] +=
+/// Σ_p B[p, j]`, p in order) while it packs B: a linear layer's weight and bias gradients from
+/// one read of `dY`. The sums are the same bits as a separate row-by-row loop.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, colsum: &mut [f32]) {
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::Zero, Some(colsum), simd_available());
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, init: Init, simd: bool) {
+fn sgemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    a: Mat,
+    b: Mat,
+    init: Init,
+    colsum: Option<&mut [f32]>,
+    simd: bool,
+) {
     if !prologue(m, n, k, c, c_rs, &a, init) {
+        if let Some(sums) = colsum.filter(|_| n > 0) {
+            // No product to pack B for, but its column sums are still wanted.
+            check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+            for p in 0..k {
+                for (j, acc) in sums[..n].iter_mut().enumerate() {
+                    *acc += b.data[p * b.rs + j * b.cs];
+                }
+            }
+        }
         return;
     }
     check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
@@ -725,7 +776,7 @@ fn sgemm_with(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, 
         let mut s = s.borrow_mut();
         let (bbuf, abuf) = &mut *s;
         let bp = bbuf.resize(n.div_ceil(NR) * k * NR);
-        pack_b_into(bp, k, n, b);
+        pack_b_into(bp, k, n, b, colsum);
         // B is always packed: read in place, its rows' power-of-two strides would map a
         // micro-panel onto a few L1 sets.
         let bsrc = BSrc { data: bbuf.as_slice(), ks: NR, ps: k * NR };
@@ -929,16 +980,16 @@ mod tests {
                     for i in 0..m {
                         want[i * c_rs..i * c_rs + n].copy_from_slice(&bias);
                     }
-                    sgemm_with(m, n, k, &mut want, c_rs, a, b, Init::C, simd);
+                    sgemm_with(m, n, k, &mut want, c_rs, a, b, Init::C, None, simd);
                     let mut got = c0.clone();
-                    sgemm_with(m, n, k, &mut got, c_rs, a, b, Init::Bias(&bias), simd);
+                    sgemm_with(m, n, k, &mut got, c_rs, a, b, Init::Bias(&bias), None, simd);
                     assert!(bits_eq(&got, &want), "sgemm bias simd={simd} at={at} bt={bt}");
                     let mut got = c0.clone();
                     gemm_packed_with(m, &mut got, c_rs, a, &pb, Init::Bias(&bias), simd);
                     assert!(bits_eq(&got, &want), "packed bias simd={simd} at={at} bt={bt}");
                     for &acc in &[false, true] {
                         let mut c = c0.clone();
-                        sgemm_with(m, n, k, &mut c, c_rs, a, b, Init::new(acc), simd);
+                        sgemm_with(m, n, k, &mut c, c_rs, a, b, Init::new(acc), None, simd);
                         check(m, n, k, a, b, &c0, &c, c_rs, acc, &format!("sgemm simd={simd} at={at} bt={bt}"));
                         let mut c2 = c0.clone();
                         gemm_packed_with(m, &mut c2, c_rs, a, &pb, Init::new(acc), simd);
@@ -964,7 +1015,7 @@ mod tests {
             for &simd in paths {
                 for acc in [false, true] {
                     let mut c = c0.clone();
-                    sgemm_with(m, n, k, &mut c, n, a, b, Init::new(acc), simd);
+                    sgemm_with(m, n, k, &mut c, n, a, b, Init::new(acc), None, simd);
                     check(m, n, k, a, b, &c0, &c, n, acc, &format!("strided sgemm simd={simd}"));
                     let mut c2 = c0.clone();
                     gemm_packed_with(m, &mut c2, n, a, &pb, Init::new(acc), simd);
@@ -1041,7 +1092,7 @@ mod tests {
                         continue;
                     }
                     let mut c2 = c0.clone();
-                    sgemm_with(m, n, k, &mut c2, n, a, b, Init::new(acc), simd);
+                    sgemm_with(m, n, k, &mut c2, n, a, b, Init::new(acc), None, simd);
                     check(m, n, k, a, b, &c0, &c2, n, acc, &format!("sgemm simd={simd}"));
                 }
             }
@@ -1067,6 +1118,36 @@ mod tests {
                 let mut c2 = vec![2.0f32; m * n];
                 sgemm(m, n, k, &mut c2, n, Mat::rows(&a, k), Mat::rows(&b, n), false);
                 assert!(c2.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn column_sums_while_packing_match_a_row_by_row_loop_and_leave_the_product_alone() {
+        let mut rng = Rng(77);
+        // Row-major B with full and ragged panels, a transposed B, a strided B; and m = 0.
+        for (m, n, k) in [(20, 37, 13), (7, 16, 5), (9, 5, 11), (0, 21, 4), (6, 40, 0)] {
+            for layout in 0..3 {
+                let (bd, rs, cs) = match layout {
+                    0 => (rng.vec(k * n), n, 1),
+                    1 => (rng.vec(k * n), 1, k.max(1)),
+                    _ => (rng.vec(2 * k * n + 1), 2 * n, 2),
+                };
+                let b = Mat::strided(&bd, rs, cs);
+                let a = rng.vec(m * k);
+                let start = rng.vec(n);
+                let mut want_sums = start.clone();
+                for p in 0..k {
+                    for (j, acc) in want_sums.iter_mut().enumerate() {
+                        *acc += bd[p * rs + j * cs];
+                    }
+                }
+                let mut want = vec![0.0f32; m * n];
+                sgemm(m, n, k, &mut want, n, Mat::rows(&a, k), b, false);
+                let (mut got, mut sums) = (vec![3.0f32; m * n], start.clone());
+                sgemm_colsum(m, n, k, &mut got, n, Mat::rows(&a, k), b, &mut sums);
+                assert!(bits_eq(&sums, &want_sums), "sums m={m} n={n} k={k} layout {layout}");
+                assert!(bits_eq(&got, &want), "product m={m} n={n} k={k} layout {layout}");
             }
         }
     }

@@ -3,7 +3,7 @@
 //! says "overwrites".
 
 use super::gemm::{backend, Backend};
-use super::gemm::{gemm, gemm_bias_prepacked, gemm_prepacked, Mat};
+use super::gemm::{gemm, gemm_bias_prepacked, gemm_colsum, gemm_prepacked, Mat};
 use super::kernel::{gemm_packed_block, PackedB};
 use crate::simd::{multiversion, simd_dispatch, Portable, Simd};
 use std::cell::RefCell;
@@ -208,8 +208,8 @@ pub fn linear_backward(
     accumulate_dinp: bool,
 ) {
     gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, accumulate_dinp);
-    gemm(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), false);
-    bias_backward(dbias, dout, n, oc);
+    // dbias is summed while dout is packed for the dW product (same order as bias_backward).
+    gemm_colsum(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), dbias);
 }
 
 multiversion! {
