@@ -218,6 +218,25 @@ impl PackedB {
         self.repack(b);
     }
 
+    /// The packed panels (zero-padded past `n`).
+    pub fn panels(&self) -> &[f32] {
+        self.buf.as_slice()
+    }
+
+    /// The index in the packed buffer of `B[p, j]` (`p < k`, `j < n`).
+    #[inline]
+    pub fn offset_of(&self, p: usize, j: usize) -> usize {
+        (j / NR) * self.k * NR + p * NR + j % NR
+    }
+
+    /// The packed buffer's first element and length, for a writer that stores new values into
+    /// elements it alone owns while nothing reads the packing (see `packed::SharedPacking`).
+    pub fn raw_parts(&mut self) -> (*mut f32, usize) {
+        let len = self.n.div_ceil(NR) * self.k * NR;
+        let s = self.buf.resize(len);
+        (s.as_mut_ptr(), len)
+    }
+
     /// Rows of the packed operand (the product's K).
     pub fn k(&self) -> usize {
         self.k

@@ -573,13 +573,18 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         // SAFETY: after "reduced" nobody reads the weights until "done", and chunk c of
         // the weights, sum, m and v is touched only by its owner worker (c % N).
         unsafe {
+            let start = self.weights.chunk_range(c).start;
             self.weights.write_chunk(c, |p| {
                 self.sum.read_chunk(c, |g| {
                     self.adam_m.write_chunk(c, |m| {
                         self.adam_v
                             .write_chunk(c, |v| self.adamw.update_chunk(p, g, m, v, ctl.t_next, ctl.lr, grad_scale))
                     })
-                })
+                });
+                // While this worker still owns the chunk: what the workload derives from it (the
+                // shared packing of the weights), from the values just written. Disjoint
+                // chunks, and no compute runs before the next step.
+                self.workload.weights_written(start, p);
             })
         }
     }
@@ -603,6 +608,9 @@ pub struct Engine<B: Backend, W: Workload> {
     step: u64,
     /// Steps published by this engine (the `weights_version` of the next is this + 1).
     published: u64,
+    /// Whether what the workload derives from the weights through `weights_written` matches
+    /// the current weights (true after any step that updated them, until they are replaced).
+    derived_valid: bool,
     t: u64,
     consecutive_skipped: usize,
     max_skipped_steps: usize,
@@ -749,6 +757,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             seq,
             step: 0,
             published: 0,
+            derived_valid: false,
             t: 0,
             consecutive_skipped: 0,
             max_skipped_steps: opts.max_skipped_steps,
@@ -811,6 +820,8 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         }
         // SAFETY: `&mut self` proves no step is running, so every worker is parked at "start".
         unsafe { self.shared.weights.write_all(|w| w.copy_from_slice(params)) };
+        self.derived_valid = false;
+        self.shared.workload.derived_valid_for(None);
         Ok(())
     }
 
@@ -956,6 +967,10 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         }
         report.adam_t = self.t;
         self.step = step;
+        // An applied update wrote every chunk, and with it everything derived from it; a
+        // skipped one left both as they were. The next step reads version `published + 1`.
+        self.derived_valid |= !report.update_skipped;
+        sh.workload.derived_valid_for(self.derived_valid.then_some(self.published + 1));
         report.timings.workers.clear();
         for t in &sh.timings {
             // SAFETY: read after "done"; workers are parked.

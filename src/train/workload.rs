@@ -6,6 +6,7 @@
 //! checks and the protocol tests so that the checked code is the real protocol.
 
 use crate::config::ModelConfig;
+use crate::model::packed::SharedPacking;
 use crate::model::{self, Activations, PackedWeights};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -64,27 +65,59 @@ pub trait Workload: Send + Sync + 'static {
         spheres: usize,
         grad: &mut [f32],
     ) -> f32;
+
+    /// The update phase has just written `values` to `weights[start..start + values.len()]`.
+    /// A workload that derives data from the weights may update it here, chunk by chunk and in
+    /// parallel (the GPT workload's shared packing of the weights). The default does nothing.
+    ///
+    /// # Safety
+    /// Called only by the owner of that chunk while it holds the chunk for writing in the
+    /// update phase: concurrent calls have disjoint ranges, and no `compute` runs until the
+    /// next step.
+    unsafe fn weights_written(&self, start: usize, values: &[f32]) {
+        let _ = (start, values);
+    }
+
+    /// Called between steps, with no step running: the data derived through
+    /// [`Workload::weights_written`] now matches the weights of `version` (`None`: it may not,
+    /// for example after the weights were replaced). The default does nothing.
+    fn derived_valid_for(&self, version: Option<u64>) {
+        let _ = version;
+    }
 }
 
 /// The real GPT-2-style model: `model::forward` + `model::backward` on one micro-batch.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct GptWorkload {
     pub config: ModelConfig,
     /// Built once: `model::forward` would rebuild (and allocate) it on every call.
     layout: model::ParamLayout,
+    /// The weights packed for the GEMM kernel, written by the engine's update phase
+    /// ([`Workload::weights_written`]) and shared by all workers; used when it matches the
+    /// weights version of a call, else each worker packs for itself.
+    shared_packing: SharedPacking,
 }
 
 impl GptWorkload {
     pub fn new(config: ModelConfig) -> Self {
-        GptWorkload { config, layout: model::ParamLayout::new(&config) }
+        let layout = model::ParamLayout::new(&config);
+        GptWorkload { config, shared_packing: SharedPacking::new(&layout), layout }
     }
 }
 
-/// A worker's buffers for [`GptWorkload`]: activations, and the weights packed for the GEMM
-/// kernel once per weights version (then reused by every micro-batch the worker computes).
+impl Clone for GptWorkload {
+    /// A workload of the same config with a packing of its own (valid for no version yet).
+    fn clone(&self) -> Self {
+        GptWorkload::new(self.config)
+    }
+}
+
+/// A worker's buffers for [`GptWorkload`]: activations, and (only when the shared packing does
+/// not match the weights, as in the first step) the weights packed by this worker, once per
+/// weights version, then reused by every micro-batch it computes.
 pub struct GptScratch {
     pub acts: Activations,
-    packed: PackedWeights,
+    packed: Option<PackedWeights>,
     packed_version: Option<u64>,
 }
 
@@ -96,11 +129,7 @@ impl Workload for GptWorkload {
     }
 
     fn new_scratch(&self, rows: usize, seq: usize) -> GptScratch {
-        GptScratch {
-            acts: Activations::new(&self.config, rows, seq),
-            packed: PackedWeights::new(&self.layout),
-            packed_version: None,
-        }
+        GptScratch { acts: Activations::new(&self.config, rows, seq), packed: None, packed_version: None }
     }
 
     fn compute(
@@ -117,11 +146,19 @@ impl Workload for GptWorkload {
         let rows = batch.rows_per_micro(spheres);
         // Packed panels only serve the native kernel; the crate backends pack per call.
         let packed = if model::gemm::backend() == model::gemm::Backend::Native {
-            if scratch.packed_version != Some(weights_version) {
-                scratch.packed.pack(&self.layout, weights);
-                scratch.packed_version = Some(weights_version);
+            // SAFETY: `compute` never runs while the update phase writes the shared packing
+            // (the contract of `weights_written`'s callers).
+            match unsafe { self.shared_packing.packed_for(weights_version) } {
+                Some(shared) => Some(shared),
+                None => {
+                    let own = scratch.packed.get_or_insert_with(|| PackedWeights::new(&self.layout));
+                    if scratch.packed_version != Some(weights_version) {
+                        own.pack(&self.layout, weights);
+                        scratch.packed_version = Some(weights_version);
+                    }
+                    Some(&*own)
+                }
             }
-            Some(&scratch.packed)
         } else {
             None
         };
@@ -138,6 +175,15 @@ impl Workload for GptWorkload {
         );
         model::gpt::backward_with_layout(&self.layout, weights, packed, acts, grad);
         loss
+    }
+
+    unsafe fn weights_written(&self, start: usize, values: &[f32]) {
+        // SAFETY: forwarded contract: disjoint concurrent ranges, no compute meanwhile.
+        unsafe { self.shared_packing.write_range(start, values) }
+    }
+
+    fn derived_valid_for(&self, version: Option<u64>) {
+        self.shared_packing.set_valid_for(version);
     }
 }
 
