@@ -154,3 +154,28 @@ fn fused_scan_matches_scanning_first_including_a_poisoned_micro_batch() {
         }
     }
 }
+
+/// From the second step on, the workers read the weights packed by the previous update (one
+/// packing shared by all workers); replacing the weights between steps must not leave them
+/// reading the old packing.
+#[test]
+fn replaced_weights_are_never_read_through_a_stale_shared_packing() {
+    let cfg = ModelConfig::tiny();
+    let (rows, seq) = (4, cfg.context);
+    let o = opts(2, 4, Strategy::Segmented);
+    let mut t = Trainer::new(Model::new(cfg, 7), rows, seq, o.clone()).unwrap();
+    let mut reference = Reference::new(cllm::train::GptWorkload::new(cfg), Model::new(cfg, 7).params, rows, seq, &o);
+    for s in 1..=4 {
+        if s == 3 {
+            let replaced: Vec<f32> =
+                t.params().iter().enumerate().map(|(i, p)| p + 0.01 * ((i % 5) as f32 - 2.0)).collect();
+            t.set_params(&replaced).unwrap();
+            reference.params.copy_from_slice(&replaced);
+        }
+        let b = batch(s, rows, seq);
+        t.step(&b.inputs, &b.targets, 3e-3).unwrap();
+        reference.step(&b, 3e-3);
+        assert_eq!(fnv_bits(t.params()), fnv_bits(&reference.params), "step {s}");
+    }
+    t.shutdown().unwrap();
+}
