@@ -208,20 +208,8 @@ pub fn linear_backward(
     accumulate_dinp: bool,
 ) {
     gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, accumulate_dinp);
-    // dbias is summed while dout is packed for the dW product (same order as bias_backward).
+    // dbias[OC] += Σ_rows dout, summed row by row while dout is packed for the dW product.
     gemm_colsum(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), dbias);
-}
-
-multiversion! {
-    /// dbias[OC] += Σ_rows dout[N,OC]
-    pub fn bias_backward(dbias: &mut [f32], dout: &[f32], n: usize, oc: usize) {
-        for r in 0..n {
-            let d = &dout[r * oc..][..oc];
-            for (db, &g) in dbias[..oc].iter_mut().zip(d) {
-                *db += g;
-            }
-        }
-    }
 }
 
 multiversion! {
