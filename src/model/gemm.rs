@@ -154,17 +154,11 @@ pub fn gemm_bias_prepacked(
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat, colsum: &mut [f32]) {
     assert!(colsum.len() >= n, "gemm: {} column sums for {n} columns", colsum.len());
-    if backend() == Backend::Native && m > 0 && n > 0 {
-        check_bounds("c", c.len(), m, n, c_rs, 1);
+    if backend() == Backend::Native {
         return super::kernel::sgemm_colsum(m, n, k, c, c_rs, a, b, colsum);
     }
     gemm(m, n, k, c, c_rs, a, b, false);
-    check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
-    for p in 0..k {
-        for (j, acc) in colsum[..n].iter_mut().enumerate() {
-            *acc += b.data[p * b.rs + j * b.cs];
-        }
-    }
+    super::kernel::add_column_sums(k, n, b, colsum);
 }
 
 /// [`gemm`] with an explicit backend.

@@ -223,10 +223,10 @@ impl PackedB {
         self.buf.as_slice()
     }
 
-    /// The index in the packed buffer of `B[p, j]` (`p < k`, `j < n`).
+    /// The index of `B[p, j]` in a packing of `k` rows (`p < k`): the panel layout above.
     #[inline]
-    pub fn offset_of(&self, p: usize, j: usize) -> usize {
-        (j / NR) * self.k * NR + p * NR + j % NR
+    pub fn panel_index(k: usize, p: usize, j: usize) -> usize {
+        (j / NR) * k * NR + p * NR + j % NR
     }
 
     /// The packed buffer's first element and length, for a writer that stores new values into
@@ -765,6 +765,20 @@ pub fn sgemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a:
     sgemm_with(m, n, k, c, c_rs, a, b, Init::Zero, Some(colsum), simd_available());
 }
 
+/// `sums[j] += Σ_p B[p, j]` for the `k x n` view `b`, row by row in order: the column sums
+/// [`sgemm_colsum`] takes while packing, where there is no packing to ride on.
+pub fn add_column_sums(k: usize, n: usize, b: Mat, sums: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
+    for p in 0..k {
+        for (j, acc) in sums[..n].iter_mut().enumerate() {
+            *acc += b.data[p * b.rs + j * b.cs];
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sgemm_with(
     m: usize,
@@ -779,14 +793,9 @@ fn sgemm_with(
     simd: bool,
 ) {
     if !prologue(m, n, k, c, c_rs, &a, init) {
-        if let Some(sums) = colsum.filter(|_| n > 0) {
+        if let Some(sums) = colsum {
             // No product to pack B for, but its column sums are still wanted.
-            check_bounds("b", b.data.len(), k, n, b.rs, b.cs);
-            for p in 0..k {
-                for (j, acc) in sums[..n].iter_mut().enumerate() {
-                    *acc += b.data[p * b.rs + j * b.cs];
-                }
-            }
+            add_column_sums(k, n, b, sums);
         }
         return;
     }

@@ -202,10 +202,10 @@ impl SharedPacking {
                     let (j0, j1) = (lo.max(row_start) - row_start, hi.min(row_start + t.cols) - row_start);
                     let src = &values[row_start + j0 - start..row_start + j1 - start];
                     // Indices stay below `d.len` because (rows, cols) match the packing's shape
-                    // (checked in `new`): see `PackedB::offset_of`.
+                    // (checked in `new`): see `PackedB::panel_index`.
                     if d.transposed {
                         // B[j, r]: one element every NR floats.
-                        let base = (r / NR) * d.k * NR + r % NR;
+                        let base = PackedB::panel_index(d.k, 0, r);
                         for (j, &x) in (j0..j1).zip(src) {
                             let i = base + j * NR;
                             assert!(i < d.len);
@@ -218,7 +218,7 @@ impl SharedPacking {
                         let mut j = j0;
                         while j < j1 {
                             let run = (NR - j % NR).min(j1 - j);
-                            let i = (j / NR) * d.k * NR + r * NR + j % NR;
+                            let i = PackedB::panel_index(d.k, r, j);
                             assert!(i + run <= d.len);
                             let part = &src[j - j0..j - j0 + run];
                             // SAFETY: `i + run <= d.len`, inside the buffer; these elements
@@ -252,7 +252,7 @@ impl SharedPacking {
     /// parameter `start`).
     unsafe fn write_rows_transposed(&self, t: &Target, d: &Dest, r0: usize, r1: usize, start: usize, values: &[f32]) {
         let rows = &values[t.offset + r0 * t.cols - start..t.offset + r1 * t.cols - start];
-        let base = (r0 / NR) * d.k * NR + r0 % NR;
+        let base = PackedB::panel_index(d.k, 0, r0);
         assert!(r1 - r0 <= NR - r0 % NR && base + (t.cols - 1) * NR + (r1 - r0) <= d.len);
         let n = r1 - r0;
         if n == NR {
