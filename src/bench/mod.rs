@@ -32,8 +32,7 @@ use crate::train::{StepReport, Strategy, Trainer, TrainerOptions, WorkerTiming};
 const SEED: u64 = 1337;
 /// Learning rate of the timed steps (the value does not change the cost of a step).
 pub(crate) const LR: f32 = 1e-3;
-/// Thread counts beyond this are a typo, not a benchmark.
-const MAX_THREADS: usize = 1024;
+use crate::train::MAX_THREADS;
 
 /// Measure training throughput for each strategy and thread count, against the machine's
 /// ceiling, and write DIR/scaling.{json,md,svg}.

@@ -28,8 +28,7 @@ pub const DEFAULT_CLIP_NORM: f32 = 10.0;
 pub const DEFAULT_EVAL_WINDOWS: usize = 32;
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;
-/// Most worker threads the trainer accepts.
-pub const MAX_THREADS: usize = 256;
+pub use crate::train::MAX_THREADS;
 /// Where runs go when --out is not given: a fresh numbered directory per run.
 pub const RUNS_DIR: &str = "runs";
 

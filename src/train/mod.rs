@@ -40,10 +40,13 @@ pub use workload::{GptWorkload, ScaleWorkload, StepBatch, Workload};
 use crate::optim::AdamWConfig;
 use serde::Serialize;
 
+/// Most worker threads an engine accepts (the CLI, `bench` and the engines share this bound).
+pub const MAX_THREADS: usize = 256;
+
 /// Options of a [`Trainer`] (and of the engines behind it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainerOptions {
-    /// Worker threads, 1..=256. Default: the machine's available parallelism.
+    /// Worker threads, 1..=[`MAX_THREADS`]. Default: the machine's available parallelism.
     pub threads: usize,
     /// Micro-batches per step ("logical spheres"); must divide the batch size. 0 picks the
     /// largest divisor of the batch size that is at most 8 (that is, min(8, batch) whenever
@@ -68,7 +71,7 @@ pub struct TrainerOptions {
 impl Default for TrainerOptions {
     fn default() -> Self {
         TrainerOptions {
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(256),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_THREADS),
             spheres: 0,
             strategy: Strategy::default(),
             clip_norm: 10.0,

@@ -629,8 +629,8 @@ pub fn resolve_spheres(spheres: usize, rows: usize) -> usize {
 
 /// Checks the options shared by every strategy; returns the resolved sphere count.
 pub(crate) fn validate(opts: &TrainerOptions, rows: usize, seq: usize, num_params: usize) -> Result<usize> {
-    if !(1..=256).contains(&opts.threads) {
-        bail!("threads must be between 1 and 256, got {}", opts.threads);
+    if !(1..=super::MAX_THREADS).contains(&opts.threads) {
+        bail!("threads must be between 1 and {}, got {}", super::MAX_THREADS, opts.threads);
     }
     if rows == 0 || seq == 0 {
         bail!("batch size and sequence length must be positive, got {rows}x{seq}");
