@@ -37,10 +37,11 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::data::{sha256_hex, SamplerState};
+use crate::data::{sha256_hex, DataFormat, SamplerState};
 use crate::error::{Error, Result};
 use crate::model::weights::{deserialize_safetensors, serialize_safetensors};
 use crate::model::Model;
+use crate::train::RunOptions;
 use crate::{bail, err};
 
 /// The weights file of a checkpoint.
@@ -58,36 +59,6 @@ pub const GIT_COMMIT: &str = env!("CLLM_GIT_COMMIT");
 
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The training options of a run, as recorded in `state.json`. Enumerations are stored by
-/// their command-line spelling so the file reads the same as the command that made it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunOptions {
-    /// Preset name (`tiny`, `small`, `seed`).
-    pub config_name: String,
-    /// Training sequence length (≤ the model's context).
-    pub context: usize,
-    pub batch: usize,
-    /// Total steps of the run (a resumed run continues up to it).
-    pub steps: u64,
-    pub lr: f64,
-    /// `constant` or `cosine`.
-    pub lr_schedule: String,
-    pub warmup_steps: u64,
-    /// The cosine schedule ends at `lr * min_lr_ratio`.
-    pub min_lr_ratio: f64,
-    pub seed: u64,
-    pub threads: usize,
-    pub spheres: usize,
-    pub strategy: String,
-    pub clip_norm: f32,
-    pub clip_mode: String,
-    pub val_fraction: f64,
-    pub eval_every: u64,
-    pub eval_windows: usize,
-    pub save_every: u64,
-    pub keep: usize,
-}
-
 /// What the run trained on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRecord {
@@ -97,8 +68,8 @@ pub struct DataRecord {
     /// directory finds it.
     #[serde(default)]
     pub path: Option<String>,
-    /// `text` or `squad`.
-    pub format: String,
+    /// The format the file was read as: `text` or `squad` (never `auto`).
+    pub format: DataFormat,
     /// SHA-256 (hex) of the corpus bytes the model saw (after any SQuAD conversion).
     pub sha256: String,
     pub bytes: u64,
@@ -117,6 +88,7 @@ pub struct TrainState {
     /// The batch sampler's state after drawing the batch of `step`.
     pub sampler: SamplerState,
     pub model_config: ModelConfig,
+    /// The run's settings (defined with the training loop, [`RunOptions`]).
     pub options: RunOptions,
     pub data: DataRecord,
     /// Training loss of the last step, and the last validation loss, for humans and tools.
@@ -144,6 +116,21 @@ pub struct Checkpoint {
     pub model: Model,
     pub adam_m: Vec<f32>,
     pub adam_v: Vec<f32>,
+}
+
+impl Checkpoint {
+    /// Checks that the optimizer state fits the model before any work starts.
+    pub fn check_adam_state(&self) -> Result<()> {
+        let n = self.model.params.len();
+        if self.adam_m.len() != n || self.adam_v.len() != n {
+            bail!(
+                "{}: optimizer state has {} values, the model {n}",
+                self.dir.join(OPTIM_FILE).display(),
+                self.adam_m.len()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `step-NNNNNN`.

@@ -27,6 +27,7 @@ pub mod error;
 pub mod generate;
 pub mod grad;
 pub mod model;
+mod names;
 pub mod optim;
 mod simd;
 pub mod sync;

@@ -26,10 +26,12 @@ use crate::config::{ModelConfig, PRESETS};
 use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
 use crate::model::Model;
+use crate::train::options::{DEFAULT_CONFIG, DEFAULT_SEED, MAX_DEFAULT_SPHERES};
 use crate::train::{StepReport, Strategy, Trainer, TrainerOptions, WorkerTiming};
 
-/// Seed of the model and of the batches: every cell trains the same model on the same data.
-const SEED: u64 = 1337;
+/// Seed of the model and of the batches: every cell trains the same model on the same data
+/// (`cllm train`'s default seed).
+pub(crate) const SEED: u64 = DEFAULT_SEED;
 /// Learning rate of the timed steps (the value does not change the cost of a step).
 pub(crate) const LR: f32 = 1e-3;
 use crate::train::MAX_THREADS;
@@ -39,7 +41,7 @@ use crate::train::MAX_THREADS;
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Model preset: tiny, small, seed.
-    #[arg(long, value_name = "NAME", default_value = "small")]
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_CONFIG)]
     pub config: String,
     /// Thread counts, comma-separated. 1 is always measured: it is the speed-up baseline.
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1,2,4,8")]
@@ -61,8 +63,9 @@ pub struct BenchArgs {
     /// Sequences per step. [default: the preset's]
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
-    /// Spheres (microbatches per step). [default: the trainer's]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "Spheres (microbatches per step). [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
+    ))]
     pub spheres: Option<usize>,
     /// Directory for scaling.json, scaling.md and scaling.svg (use one per config).
     #[arg(long, value_name = "DIR", default_value = "results")]
@@ -79,21 +82,19 @@ pub struct BenchArgs {
 }
 
 impl Default for BenchArgs {
+    /// `cllm bench` with no flags: the defaults its help shows, by construction.
     fn default() -> Self {
-        BenchArgs {
-            config: "small".into(),
-            threads: vec![1, 2, 4, 8],
-            strategies: Strategy::ALL.iter().map(|s| s.to_string()).collect(),
-            steps: 10,
-            warmup: 2,
-            batch: None,
-            spheres: None,
-            out: PathBuf::from("results"),
-            json: false,
-            ceiling_ms: 250,
-            quiet: false,
-        }
+        defaults_of()
     }
+}
+
+/// The arguments of an empty command line: every field's clap default (or `None`/`false`), so
+/// a `Default` built from it cannot drift from what `--help` shows.
+pub(crate) fn defaults_of<A: clap::Args + clap::FromArgMatches>() -> A {
+    let matches = A::augment_args(clap::Command::new("defaults"))
+        .try_get_matches_from(["defaults"])
+        .unwrap_or_else(|e| panic!("an argument without a default is required: {e}"));
+    A::from_arg_matches(&matches).unwrap_or_else(|e| panic!("a default does not parse: {e}"))
 }
 
 /// A validated bench plan.
@@ -120,7 +121,7 @@ pub(crate) fn resolve_config(name: &str, batch: Option<usize>) -> Result<(ModelC
 
 /// Parses a strategy name, with an error naming the flag and the choices.
 pub(crate) fn parse_strategy(flag: &str, name: &str) -> Result<Strategy> {
-    name.trim().parse::<Strategy>().map_err(|e| e.context(flag))
+    name.parse::<Strategy>().map_err(|e| e.context(flag))
 }
 
 pub(crate) fn check_threads(flag: &str, t: usize) -> Result<()> {
@@ -284,6 +285,43 @@ fn median(xs: &[f64]) -> f64 {
     }
 }
 
+/// One cell of the report from its measurements: `base_ms` is the strategy's median step time
+/// at 1 thread, `usable` the cores the threads can use, `ceil` the machine's ceiling at this
+/// thread count, `tokens` the tokens of a step.
+fn to_cell(name: &str, threads: usize, m: &Measured, base_ms: f64, usable: f64, ceil: f64, tokens: f64) -> Cell {
+    let steps = m.step_s.len() as f64;
+    let med_ms = median(&m.step_s) * 1e3;
+    let speedup = base_ms / med_ms;
+    let step_mean_s = m.wall_s / steps;
+    let frac = |x: f64| x / steps / step_mean_s;
+    let p = &m.phases;
+    let known = frac(p.compute) + frac(p.barrier) + frac(p.lock_wait) + frac(p.reduce) + frac(p.optimizer);
+    Cell {
+        strategy: name.to_string(),
+        threads,
+        median_step_ms: med_ms,
+        min_step_ms: m.step_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+        max_step_ms: m.step_s.iter().copied().fold(0.0, f64::max) * 1e3,
+        tokens_per_s: tokens / (med_ms / 1e3),
+        speedup,
+        efficiency: speedup / usable,
+        cpu_utilization: m.cpu_s / (m.wall_s * usable),
+        ceiling_speedup: ceil,
+        speedup_vs_ceiling: speedup / ceil,
+        compute_frac: frac(p.compute),
+        barrier_frac: frac(p.barrier),
+        lock_wait_frac: frac(p.lock_wait),
+        reduce_frac: frac(p.reduce),
+        optimizer_frac: frac(p.optimizer),
+        other_frac: (1.0 - known).max(0.0),
+        lock_acquisitions_per_step: p.lock_acquisitions / steps,
+        lock_wait_ms_per_step: p.lock_wait / steps * 1e3,
+        peak_rss_mb: m.max_rss_mb,
+        background_cores: m.background_cores,
+        final_loss: m.final_loss,
+    }
+}
+
 /// Runs the whole matrix and returns the report without writing it.
 pub fn measure(args: &BenchArgs) -> Result<Report> {
     let plan = plan(args)?;
@@ -319,42 +357,13 @@ pub fn measure(args: &BenchArgs) -> Result<Report> {
         for &threads in &plan.threads {
             let m = measure_cell(&model, &plan, *strategy, threads, args, &data)
                 .map_err(|e| e.context(format!("{name} x{threads}")))?;
-            let steps = m.step_s.len() as f64;
-            let med_ms = median(&m.step_s) * 1e3;
             if threads == 1 {
-                base_ms = med_ms;
+                base_ms = median(&m.step_s) * 1e3;
             }
-            let speedup = base_ms / med_ms;
             let usable = threads.min(cores) as f64;
             let ceil = ceiling.ratio(threads).unwrap_or(usable);
-            let step_mean_s = m.wall_s / steps;
-            let frac = |x: f64| x / steps / step_mean_s;
-            let p = &m.phases;
-            let known = frac(p.compute) + frac(p.barrier) + frac(p.lock_wait) + frac(p.reduce) + frac(p.optimizer);
-            let cell = Cell {
-                strategy: name.clone(),
-                threads,
-                median_step_ms: med_ms,
-                min_step_ms: m.step_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
-                max_step_ms: m.step_s.iter().copied().fold(0.0, f64::max) * 1e3,
-                tokens_per_s: tokens / (med_ms / 1e3),
-                speedup,
-                efficiency: speedup / usable,
-                cpu_utilization: m.cpu_s / (m.wall_s * usable),
-                ceiling_speedup: ceil,
-                speedup_vs_ceiling: speedup / ceil,
-                compute_frac: frac(p.compute),
-                barrier_frac: frac(p.barrier),
-                lock_wait_frac: frac(p.lock_wait),
-                reduce_frac: frac(p.reduce),
-                optimizer_frac: frac(p.optimizer),
-                other_frac: (1.0 - known).max(0.0),
-                lock_acquisitions_per_step: p.lock_acquisitions / steps,
-                lock_wait_ms_per_step: p.lock_wait / steps * 1e3,
-                peak_rss_mb: m.max_rss_mb,
-                background_cores: m.background_cores,
-                final_loss: m.final_loss,
-            };
+            let cell = to_cell(name, threads, &m, base_ms, usable, ceil, tokens);
+            let (med_ms, speedup) = (cell.median_step_ms, cell.speedup);
             say(format!(
                 "{name} x{threads}: {med_ms:.2} ms/step, {:.0} tok/s, {speedup:.2}x (ceiling {ceil:.2}x), cpu {:.0}%, \
                  compute {:.0}% barrier {:.0}% lock {:.0}% reduce {:.0}% optim {:.0}%, other processes {:.1} cores",

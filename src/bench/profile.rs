@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::{batches, check_threads, parse_strategy, resolve_config, trainer_options, LR};
+use super::{batches, check_threads, parse_strategy, resolve_config, trainer_options, LR, SEED};
 use crate::error::Result;
 use crate::model::Model;
+use crate::train::options::MAX_DEFAULT_SPHERES;
 use crate::train::{Strategy, Trainer};
 
 /// Sample training steps with pprof and write a flamegraph SVG.
@@ -29,14 +30,18 @@ pub struct ProfileArgs {
     /// Unprofiled steps first, so start-up is not in the picture.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub warmup: usize,
-    /// Synchronization strategy. [default: the trainer's]
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help = format!(
+        "Synchronization strategy: {}. [default: {}]",
+        Strategy::ALL.map(|s| s.to_string()).join(", "),
+        Strategy::default()
+    ))]
     pub strategy: Option<String>,
     /// Sequences per step. [default: the preset's]
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
-    /// Spheres (microbatches per step). [default: the trainer's]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!(
+        "Spheres (microbatches per step). [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
+    ))]
     pub spheres: Option<usize>,
     /// Samples per second per thread (a prime avoids beating with periodic work).
     #[arg(long, value_name = "HZ", default_value_t = 997)]
@@ -50,20 +55,9 @@ pub struct ProfileArgs {
 }
 
 impl Default for ProfileArgs {
+    /// `cllm profile` with no flags: the defaults its help shows, by construction.
     fn default() -> Self {
-        ProfileArgs {
-            config: "seed".into(),
-            threads: None,
-            steps: 20,
-            min_seconds: 1.0,
-            warmup: 2,
-            strategy: None,
-            batch: None,
-            spheres: None,
-            frequency: 997,
-            out: None,
-            quiet: false,
-        }
+        super::defaults_of()
     }
 }
 
@@ -133,7 +127,7 @@ pub fn run_profile(args: &ProfileArgs) -> Result<ProfileSummary> {
     let seq = cfg.context;
     let data = batches(batch, seq, args.warmup + args.steps)?;
     let mut trainer =
-        Trainer::new(Model::new(cfg, 1337), batch, seq, trainer_options(strategy, threads, args.spheres))?;
+        Trainer::new(Model::new(cfg, SEED), batch, seq, trainer_options(strategy, threads, args.spheres))?;
     for (x, y) in &data[..args.warmup] {
         trainer.step(x, y, LR)?;
     }

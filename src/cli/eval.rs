@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{default_threads, usage, write_stdout, CliResult};
 use crate::checkpoint::load_model;
 use crate::data::{load_corpus, DataFormat};
-use crate::train::run::evaluate;
+use crate::train::eval::evaluate;
 
 /// Mean next-byte cross-entropy of a model on a file, over consecutive non-overlapping windows
 /// of the model's context T (window i predicts bytes i·T+1 … i·T+T from bytes i·T … i·T+T-1).
@@ -22,13 +22,13 @@ pub struct EvalArgs {
     /// Text file to evaluate on (any bytes), or SQuAD JSON (converted as for training).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
-    /// How to read --data: auto (SQuAD JSON if it looks like it, else text), text or squad.
-    #[arg(long, value_name = "FORMAT", default_value = "auto")]
-    pub format: String,
-    /// Evaluate only the first N windows (default: every window that fits).
+    /// How to read --data.
+    #[arg(long, value_name = "FORMAT", value_enum, ignore_case = true, default_value_t = DataFormat::default())]
+    pub format: DataFormat,
+    /// Evaluate only the first N windows. [default: every window that fits]
     #[arg(long, value_name = "N")]
     pub max_windows: Option<usize>,
-    /// Worker threads (default: all cores). The result does not depend on it.
+    /// Worker threads. The result does not depend on it. [default: number of cores]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Print one JSON object {loss, bits_per_byte, windows, tokens} instead of text.
@@ -46,7 +46,6 @@ struct EvalJson {
 }
 
 pub fn run(args: EvalArgs) -> CliResult {
-    let format: DataFormat = args.format.parse().map_err(|e: crate::Error| super::Failure::usage(e.0))?;
     if args.max_windows == Some(0) {
         usage!("--max-windows must be at least 1");
     }
@@ -55,7 +54,7 @@ pub fn run(args: EvalArgs) -> CliResult {
         usage!("--threads must be at least 1");
     }
     let (model, model_path) = load_model(&args.checkpoint)?;
-    let corpus = load_corpus(Some(&args.data), format)?;
+    let corpus = load_corpus(Some(&args.data), args.format)?;
     let t = model.config.context;
     let result =
         evaluate(&model.config, &model.params, &corpus.bytes, t, args.max_windows.unwrap_or(usize::MAX), threads)

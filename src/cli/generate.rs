@@ -10,6 +10,15 @@ use crate::checkpoint::load_model;
 use crate::error::Error;
 use crate::generate::{generate, SampleOptions};
 
+/// Bytes generated when --tokens is not given.
+pub const DEFAULT_TOKENS: usize = 200;
+/// Sampling temperature of `cllm generate`, and of the sample `cllm train` prints.
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+/// Top-k of `cllm generate` (0: all bytes), and of the sample `cllm train` prints.
+pub const DEFAULT_TOP_K: usize = 0;
+/// Seed of the sampler when --seed is not given.
+pub const DEFAULT_SEED: u64 = 1;
+
 /// Print the prompt and a sampled continuation as raw bytes (the model works on bytes, so the
 /// output need not be valid UTF-8). The same checkpoint, prompt and seed always give the same
 /// bytes.
@@ -23,16 +32,16 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "TEXT", default_value = "\n", hide_default_value = true)]
     pub prompt: String,
     /// Number of bytes to generate.
-    #[arg(long, value_name = "N", default_value_t = 200)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TOKENS)]
     pub tokens: usize,
     /// Sampling temperature; 0 always picks the most likely byte (greedy).
-    #[arg(long, value_name = "X", default_value_t = 0.8)]
+    #[arg(long, value_name = "X", default_value_t = DEFAULT_TEMPERATURE)]
     pub temperature: f32,
     /// Sample only among the K most likely bytes (0: all).
-    #[arg(long, value_name = "K", default_value_t = 0)]
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_TOP_K)]
     pub top_k: usize,
     /// Seed of the sampler.
-    #[arg(long, value_name = "S", default_value_t = 1)]
+    #[arg(long, value_name = "S", default_value_t = DEFAULT_SEED)]
     pub seed: u64,
     /// Do not echo the prompt before the continuation.
     #[arg(long)]

@@ -1,5 +1,11 @@
 //! `cllm train`: arguments, their validation and resolution against a resumed checkpoint, the
 //! `--dry-run` plan, and the final summary. The loop itself is [`crate::train::run`].
+//!
+//! Every flag is an `Option`: `None` means "not given", so a resumed run can tell a flag that
+//! repeats or contradicts its checkpoint from one left out. The defaults are therefore not
+//! clap's; the `[default: …]` of each help line is built from the same constant that
+//! `merge_options` uses (mostly [`crate::train::options`]), and `tests/cli_help.rs` compares
+//! them with what `--dry-run` reports.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -7,25 +13,21 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Serialize;
 
+use super::generate::{DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 use super::{default_threads, usage, write_stdout, CliResult, Failure};
-use crate::checkpoint::{self, Checkpoint, RunOptions, STATE_FILE};
+use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
 use crate::generate::{generate, SampleOptions};
-use crate::train::run::{self as runner, LrSchedule, Progress, RunSpec, RunSummary};
+use crate::train::options::{
+    RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
+    DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEFAULT_SPHERES,
+};
+use crate::train::progress::Progress;
+use crate::train::run::{self as runner, RunSpec, RunSummary};
+use crate::train::schedule::{default_warmup, DEFAULT_WARMUP_DIVISOR, MAX_DEFAULT_WARMUP, MIN_LR_RATIO};
+use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
 
-/// Default total steps: about three minutes of the `small` config on two cores (~80 ms a step
-/// with 2 threads, plus periodic validation and checkpoints).
-pub const DEFAULT_STEPS: u64 = 2000;
-/// Default peak learning rate. Measured on the default run (small, 1000 steps, batch 8): validation
-/// loss 1.90 nats at 3e-3 against 2.10 at 1e-3, with visibly more real words in the sample.
-pub const DEFAULT_LR: f64 = 3e-3;
-/// Default seed (model initialisation and batch sampling).
-pub const DEFAULT_SEED: u64 = 1337;
-/// Default global gradient-norm clip (the issue's contract; 0 disables).
-pub const DEFAULT_CLIP_NORM: f32 = 10.0;
-/// Validation windows evaluated each time (fixed, so losses are comparable across a run).
-pub const DEFAULT_EVAL_WINDOWS: usize = 32;
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;
 pub use crate::train::MAX_THREADS;
@@ -41,84 +43,102 @@ pub const RUNS_DIR: &str = "runs";
 /// interrupted run continued with --resume ends exactly where an uninterrupted one would.
 #[derive(Debug, Args, Default)]
 pub struct TrainArgs {
-    /// Training data: a text file (any bytes) or SQuAD JSON. Default: built-in tiny Shakespeare.
-    #[arg(long, value_name = "FILE", help_heading = "Data")]
+    #[arg(long, value_name = "FILE", help_heading = "Data", help = format!(
+        "Training data: a text file (any bytes) or SQuAD JSON. [default: {TINY_SHAKESPEARE_NAME}]"
+    ))]
     pub data: Option<PathBuf>,
-    /// How to read --data: auto (SQuAD if the file is SQuAD-shaped JSON, else text), text, squad.
-    #[arg(long, value_name = "FORMAT", help_heading = "Data")]
-    pub format: Option<String>,
-    /// Fraction of the data (its tail) held out for validation; 0 for none. [default: 0.1]
-    #[arg(long, value_name = "F", help_heading = "Data")]
+    #[arg(long, value_name = "FORMAT", value_enum, ignore_case = true, help_heading = "Data", help = format!(
+        "How to read --data. [default: {}]", DataFormat::default()
+    ))]
+    pub format: Option<DataFormat>,
+    #[arg(long, value_name = "F", help_heading = "Data", help = format!(
+        "Fraction of the data (its tail) held out for validation; 0 for none. [default: {DEFAULT_VAL_FRACTION}]"
+    ))]
     pub val_fraction: Option<f64>,
 
-    /// Model preset: tiny (tests), small (default), seed (benchmarks).
-    #[arg(long, value_name = "NAME", help_heading = "Model")]
+    #[arg(long, value_name = "NAME", help_heading = "Model", help = format!(
+        "Model preset: tiny (tests), small, seed (benchmarks). [default: {DEFAULT_CONFIG}]"
+    ))]
     pub config: Option<String>,
     /// Training sequence length, at most the model's context. [default: the model's context]
     #[arg(long, value_name = "T", help_heading = "Model")]
     pub context: Option<usize>,
 
-    /// Total optimizer steps of the run (a resumed run continues up to this). [default: 1000]
-    #[arg(long, value_name = "N", help_heading = "Optimization")]
+    #[arg(long, value_name = "N", help_heading = "Optimization", help = format!(
+        "Total optimizer steps of the run (a resumed run continues up to this). [default: {DEFAULT_STEPS}]"
+    ))]
     pub steps: Option<u64>,
-    /// Sequences per step. [default: the preset's, 8 for small]
-    #[arg(long, value_name = "B", help_heading = "Optimization")]
+    #[arg(long, value_name = "B", help_heading = "Optimization", help = format!(
+        "Sequences per step. [default: the preset's, {} for {DEFAULT_CONFIG}]",
+        ModelConfig::preset_batch(DEFAULT_CONFIG).unwrap_or_default()
+    ))]
     pub batch: Option<usize>,
-    /// Peak learning rate (AdamW). [default: 0.003]
-    #[arg(long, value_name = "LR", help_heading = "Optimization")]
+    #[arg(long, value_name = "LR", help_heading = "Optimization", help = format!(
+        "Peak learning rate (AdamW). [default: {DEFAULT_LR}]"
+    ))]
     pub lr: Option<f64>,
-    /// Learning-rate schedule after warmup: constant, or cosine decay to lr/10 at the last step.
-    /// [default: cosine]
-    #[arg(long, value_name = "SCHEDULE", value_enum, help_heading = "Optimization")]
+    #[arg(long, value_name = "SCHEDULE", value_enum, help_heading = "Optimization", help = format!(
+        "Learning-rate schedule after warmup (cosine decays to lr/{} at the last step). [default: {}]",
+        1.0 / MIN_LR_RATIO,
+        LrSchedule::default()
+    ))]
     pub lr_schedule: Option<LrSchedule>,
-    /// Steps of linear warmup from 0 to --lr. [default: steps/10, at most 100]
-    #[arg(long, value_name = "N", help_heading = "Optimization")]
+    #[arg(long, value_name = "N", help_heading = "Optimization", help = format!(
+        "Steps of linear warmup from 0 to --lr. [default: steps/{DEFAULT_WARMUP_DIVISOR}, at most {MAX_DEFAULT_WARMUP}]"
+    ))]
     pub warmup_steps: Option<u64>,
-    /// Clip the gradient to this global norm (0: no clipping). [default: 1.0]
-    #[arg(long, value_name = "X", help_heading = "Optimization")]
+    #[arg(long, value_name = "X", help_heading = "Optimization", help = format!(
+        "Clip the gradient to this global norm (0: no clipping). [default: {DEFAULT_CLIP_NORM}]"
+    ))]
     pub clip_norm: Option<f32>,
-    /// Where the gradient is clipped: global (the averaged gradient) or per-sphere (each
-    /// microbatch's gradient before they are combined). [default: global]
-    #[arg(long, value_name = "MODE", help_heading = "Optimization")]
-    pub clip_mode: Option<String>,
-    /// Seed of the model initialisation and of batch sampling. [default: 1337]
-    #[arg(long, value_name = "S", help_heading = "Optimization")]
+    #[arg(long, value_name = "MODE", value_enum, help_heading = "Optimization", help = format!(
+        "Which gradient is clipped to --clip-norm. [default: {}]", ClipMode::default()
+    ))]
+    pub clip_mode: Option<ClipMode>,
+    #[arg(long, value_name = "S", help_heading = "Optimization", help = format!(
+        "Seed of the model initialisation and of batch sampling. [default: {DEFAULT_SEED}]"
+    ))]
     pub seed: Option<u64>,
 
-    /// Worker threads. Results do not depend on it. [default: number of cores]
-    #[arg(long, value_name = "N", help_heading = "Parallelism")]
+    #[arg(long, value_name = "N", help_heading = "Parallelism", help = format!(
+        "Worker threads. Results do not depend on it. [default: number of cores, at most {MAX_THREADS}]"
+    ))]
     pub threads: Option<usize>,
-    /// Spheres: the batch is split into this many equal microbatches whose gradients are
-    /// combined in a fixed order. Must divide --batch. [default: min(8, batch), or the largest divisor of
-    /// the batch below it]
-    #[arg(long, value_name = "N", help_heading = "Parallelism")]
+    #[arg(long, value_name = "N", help_heading = "Parallelism", help = format!(
+        "Spheres: the batch is split into this many equal microbatches whose gradients are combined in a fixed \
+         order. Must divide --batch. [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
+    ))]
     pub spheres: Option<usize>,
-    /// How workers combine gradients: segmented (lock-free, bit-deterministic at any thread
-    /// count), model-lock, gradient-lock (mutexes; deterministic only with 1 thread) or rayon.
-    /// [default: segmented]
-    #[arg(long, value_name = "NAME", help_heading = "Parallelism")]
-    pub strategy: Option<String>,
+    #[arg(long, value_name = "NAME", value_enum, help_heading = "Parallelism", help = format!(
+        "How workers combine gradients. [default: {}]", Strategy::default()
+    ))]
+    pub strategy: Option<Strategy>,
 
-    /// Run directory receiving step-NNNNNN checkpoints. [default: a new runs/run-NNN, or the
-    /// resumed run's directory]
-    #[arg(long, value_name = "DIR", help_heading = "Checkpoints")]
+    #[arg(long, value_name = "DIR", help_heading = "Checkpoints", help = format!(
+        "Run directory receiving step-NNNNNN checkpoints. [default: a new {RUNS_DIR}/run-NNN, or the resumed \
+         run's directory]"
+    ))]
     pub out: Option<PathBuf>,
-    /// Also save a checkpoint every N steps (0: only at the end). [default: 200]
-    #[arg(long, value_name = "N", help_heading = "Checkpoints")]
+    #[arg(long, value_name = "N", help_heading = "Checkpoints", help = format!(
+        "Also save a checkpoint every N steps (0: only at the end). [default: {DEFAULT_SAVE_EVERY}]"
+    ))]
     pub save_every: Option<u64>,
-    /// Keep only the newest K checkpoints (0: keep all). [default: 3]
-    #[arg(long, value_name = "K", help_heading = "Checkpoints")]
+    #[arg(long, value_name = "K", help_heading = "Checkpoints", help = format!(
+        "Keep only the newest K checkpoints (0: keep all). [default: {DEFAULT_KEEP}]"
+    ))]
     pub keep: Option<usize>,
     /// Continue from a checkpoint: a step-NNNNNN directory, or a run directory (its newest).
     /// Model, data and optimization settings come from it; flags that contradict it are errors.
     #[arg(long, value_name = "DIR", help_heading = "Checkpoints")]
     pub resume: Option<PathBuf>,
 
-    /// Compute the validation loss every N steps (0: only at the end). [default: 100]
-    #[arg(long, value_name = "N", help_heading = "Output")]
+    #[arg(long, value_name = "N", help_heading = "Output", help = format!(
+        "Compute the validation loss every N steps (0: only at the end). [default: {DEFAULT_EVAL_EVERY}]"
+    ))]
     pub eval_every: Option<u64>,
-    /// Validation windows per evaluation (the first ones of the validation split). [default: 32]
-    #[arg(long, value_name = "N", help_heading = "Output")]
+    #[arg(long, value_name = "N", help_heading = "Output", help = format!(
+        "Validation windows per evaluation (the first ones of the validation split). [default: {DEFAULT_EVAL_WINDOWS}]"
+    ))]
     pub eval_windows: Option<usize>,
     /// Write one JSON object per step to FILE (appended to when resuming).
     #[arg(long, value_name = "FILE", help_heading = "Output")]
@@ -162,26 +182,59 @@ pub fn run(args: TrainArgs) -> CliResult {
 /// Resolves every option: a flag given on the command line, else the resumed checkpoint's
 /// value, else the default; and checks they make sense together.
 fn resolve(args: &TrainArgs) -> CliResult<Plan> {
-    // Numbers that are wrong whatever else is given: checked before touching any file.
+    let inject_nan = check_flags(args)?;
+    let resumed: Option<Checkpoint> = match &args.resume {
+        Some(p) => Some(checkpoint::load(p)?),
+        None => None,
+    };
+    let (model_config, options) = merge_options(args, resumed.as_ref())?;
+    check_run(&options, resumed.as_ref(), &inject_nan)?;
+    let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
+    let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
+    if let Some(c) = &resumed {
+        note_new_total(args, c, options.steps);
+    }
+    check_metrics(args)?;
+    let progress = if args.quiet {
+        Progress::Silent
+    } else if std::io::stderr().is_terminal() {
+        Progress::Bar
+    } else {
+        Progress::Lines
+    };
+    let spec = RunSpec {
+        model_config,
+        options,
+        data_path: data_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
+        corpus,
+        out,
+        resume: resumed,
+        metrics: args.metrics.clone(),
+        inject_nan,
+        progress,
+        command_line: std::env::args().collect(),
+    };
+    Ok(Plan { spec, out_is_new })
+}
+
+/// Checks the numbers and names that are wrong whatever else is given, before touching any
+/// file, and parses `--inject-nan`.
+fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
     if let Some(t) = args.threads {
         if !(1..=MAX_THREADS).contains(&t) {
             usage!("--threads must be between 1 and {MAX_THREADS}, got {t}");
         }
     }
-    if args.steps == Some(0) {
-        usage!("--steps must be at least 1");
-    }
-    if args.batch == Some(0) {
-        usage!("--batch must be at least 1");
-    }
-    if args.spheres == Some(0) {
-        usage!("--spheres must be at least 1");
-    }
-    if args.context == Some(0) {
-        usage!("--context must be at least 1");
-    }
-    if args.eval_windows == Some(0) {
-        usage!("--eval-windows must be at least 1");
+    for (flag, zero) in [
+        ("--steps", args.steps == Some(0)),
+        ("--batch", args.batch == Some(0)),
+        ("--spheres", args.spheres == Some(0)),
+        ("--context", args.context == Some(0)),
+        ("--eval-windows", args.eval_windows == Some(0)),
+    ] {
+        if zero {
+            usage!("{flag} must be at least 1");
+        }
     }
     if let Some(lr) = args.lr {
         if !lr.is_finite() || lr <= 0.0 {
@@ -203,130 +256,162 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
             usage!("unknown --config {name:?} (expected one of: {})", PRESETS.join(", "));
         }
     }
-    let format: Option<DataFormat> = match &args.format {
-        Some(f) => Some(f.parse().map_err(|e: crate::Error| Failure::usage(format!("--format: {e}")))?),
-        None => None,
-    };
-    if let Some(s) = &args.strategy {
-        runner::parse_strategy(s).map_err(|e| Failure::usage(format!("--strategy: {e}")))?;
-    }
-    if let Some(m) = &args.clip_mode {
-        runner::parse_clip_mode(m).map_err(|e| Failure::usage(format!("--clip-mode: {e}")))?;
-    }
-    let mut inject_nan = Vec::new();
-    for s in &args.inject_nan {
-        inject_nan.push(parse_inject(s)?);
-    }
+    args.inject_nan.iter().map(|s| parse_inject(s)).collect()
+}
 
-    let resumed: Option<Checkpoint> = match &args.resume {
-        Some(p) => Some(checkpoint::load(p)?),
-        None => None,
-    };
-    let prev = resumed.as_ref().map(|c| &c.state.options);
-    let state_file = resumed.as_ref().map(|c| c.dir.join(STATE_FILE).display().to_string()).unwrap_or_default();
+/// The resumed checkpoint's settings, for merging flags with them.
+struct Resumed<'a> {
+    options: Option<&'a RunOptions>,
+    /// The checkpoint's `state.json`, named in messages ("" when not resuming).
+    state_file: String,
+}
 
-    // Settings that fix the math of the run must agree with a resumed checkpoint.
-    macro_rules! pick {
-        ($flag:literal, $arg:expr, $field:ident, $default:expr) => {
-            match (&$arg, prev) {
-                (Some(v), Some(p)) if *v != p.$field => usage!(
-                    "{} {} contradicts the checkpoint's {} ({state_file}); drop the flag to resume, or start a new run",
-                    $flag,
-                    v,
-                    p.$field
-                ),
-                (Some(v), _) => v.clone(),
-                (None, Some(p)) => p.$field.clone(),
-                (None, None) => $default,
-            }
-        };
-    }
-    let config_name: String = pick!("--config", args.config, config_name, "small".to_string());
-    let model_config = ModelConfig::preset(&config_name)
-        .ok_or_else(|| Failure::from(crate::err!("{state_file}: unknown model config {config_name:?}")))?;
-    if let Some(c) = &resumed {
-        if c.model.config != model_config {
-            usage!("{state_file}: the checkpoint's model {:?} is not the preset {config_name:?}", c.model.config);
+impl<'a> Resumed<'a> {
+    fn new(c: Option<&'a Checkpoint>) -> Self {
+        Resumed {
+            options: c.map(|c| &c.state.options),
+            state_file: c.map(|c| c.dir.join(STATE_FILE).display().to_string()).unwrap_or_default(),
         }
     }
-    let context: usize = pick!("--context", args.context, context, model_config.context);
+
+    /// A setting that fixes the math of the run: the flag, else the checkpoint's value, else
+    /// the default. A flag that contradicts the checkpoint is an error.
+    fn pinned<T>(&self, flag: &str, given: Option<T>, recorded: fn(&RunOptions) -> T, default: T) -> CliResult<T>
+    where
+        T: PartialEq + std::fmt::Display,
+    {
+        match (given, self.options.map(recorded)) {
+            (Some(v), Some(p)) if v != p => usage!(
+                "{flag} {v} contradicts the checkpoint's {p} ({}); drop the flag to resume, or start a new run",
+                self.state_file
+            ),
+            (Some(v), _) => Ok(v),
+            (None, Some(p)) => Ok(p),
+            (None, None) => Ok(default),
+        }
+    }
+
+    /// A setting free to change between resumes: the flag, else the checkpoint's, else the
+    /// default.
+    fn free<T>(&self, given: Option<T>, recorded: fn(&RunOptions) -> T, default: T) -> T {
+        given.or(self.options.map(recorded)).unwrap_or(default)
+    }
+}
+
+/// Merges the flags with the resumed checkpoint's options and the defaults; checks the shape
+/// of the run (context, batch, spheres, warmup) on the way.
+fn merge_options(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(ModelConfig, RunOptions)> {
+    let r = Resumed::new(resumed);
+    let config_name = r.pinned("--config", args.config.clone(), |p| p.config_name.clone(), DEFAULT_CONFIG.into())?;
+    let model_config = ModelConfig::preset(&config_name)
+        .ok_or_else(|| Failure::from(crate::err!("{}: unknown model config {config_name:?}", r.state_file)))?;
+    if let Some(c) = resumed {
+        if c.model.config != model_config {
+            usage!("{}: the checkpoint's model {:?} is not the preset {config_name:?}", r.state_file, c.model.config);
+        }
+    }
+    let context = r.pinned("--context", args.context, |p| p.context, model_config.context)?;
     if context > model_config.context {
         usage!("--context {context} is longer than the {config_name} model's context of {}", model_config.context);
     }
-    let batch: usize = pick!("--batch", args.batch, batch, ModelConfig::preset_batch(&config_name).unwrap_or(8));
-    // min(8, batch) when that divides the batch, else the largest divisor below it, so a default
-    // can never make a batch size invalid.
-    let default_spheres = (1..=batch.min(8)).rev().find(|s| batch.is_multiple_of(*s)).unwrap_or(1);
-    let spheres: usize = pick!("--spheres", args.spheres, spheres, default_spheres);
+    let preset_batch = ModelConfig::preset_batch(&config_name).unwrap_or(8);
+    let batch = r.pinned("--batch", args.batch, |p| p.batch, preset_batch)?;
+    let spheres = r.pinned("--spheres", args.spheres, |p| p.spheres, resolve_spheres(0, batch))?;
     if spheres > batch || !batch.is_multiple_of(spheres) {
         usage!(
             "--batch {batch} is not divisible by --spheres {spheres} (each sphere takes an equal share of the batch)"
         );
     }
-    let seed: u64 = pick!("--seed", args.seed, seed, DEFAULT_SEED);
-    let lr: f64 = pick!("--lr", args.lr, lr, DEFAULT_LR);
-    let schedule_arg = args.lr_schedule.map(|s| s.as_str().to_string());
-    let lr_schedule: String =
-        pick!("--lr-schedule", schedule_arg, lr_schedule, LrSchedule::Cosine.as_str().to_string());
-    let clip_norm: f32 = pick!("--clip-norm", args.clip_norm, clip_norm, DEFAULT_CLIP_NORM);
-    let clip_mode: String = pick!("--clip-mode", args.clip_mode, clip_mode, runner::default_clip_mode().to_string());
-    let val_fraction: f64 = pick!("--val-fraction", args.val_fraction, val_fraction, DEFAULT_VAL_FRACTION);
+    let seed = r.pinned("--seed", args.seed, |p| p.seed, DEFAULT_SEED)?;
+    let lr = r.pinned("--lr", args.lr, |p| p.lr, DEFAULT_LR)?;
+    let lr_schedule = r.pinned("--lr-schedule", args.lr_schedule, |p| p.lr_schedule, LrSchedule::default())?;
+    let clip_norm = r.pinned("--clip-norm", args.clip_norm, |p| p.clip_norm, DEFAULT_CLIP_NORM)?;
+    let clip_mode = r.pinned("--clip-mode", args.clip_mode, |p| p.clip_mode, ClipMode::default())?;
+    let val_fraction = r.pinned("--val-fraction", args.val_fraction, |p| p.val_fraction, DEFAULT_VAL_FRACTION)?;
     // The total may grow on resume (training further); the schedule then follows the new total.
-    let steps: u64 = args.steps.or(prev.map(|p| p.steps)).unwrap_or(DEFAULT_STEPS);
-    let warmup_default = (steps / 10).min(100);
-    let warmup_steps: u64 = pick!("--warmup-steps", args.warmup_steps, warmup_steps, warmup_default);
+    let steps = r.free(args.steps, |p| p.steps, DEFAULT_STEPS);
+    let warmup_steps = r.pinned("--warmup-steps", args.warmup_steps, |p| p.warmup_steps, default_warmup(steps))?;
     if warmup_steps > steps {
         usage!("--warmup-steps {warmup_steps} exceeds --steps {steps}");
     }
-    let min_lr_ratio = prev.map(|p| p.min_lr_ratio).unwrap_or(runner::MIN_LR_RATIO);
-    // Free to change between resumes: they do not change what is computed.
-    let threads = args.threads.unwrap_or_else(|| default_threads().min(MAX_THREADS));
-    let strategy = match &args.strategy {
-        Some(s) => s.clone(),
-        None => prev.map(|p| p.strategy.clone()).unwrap_or_else(|| runner::default_strategy().to_string()),
+    let options = RunOptions {
+        config_name,
+        context,
+        batch,
+        steps,
+        lr,
+        lr_schedule,
+        warmup_steps,
+        min_lr_ratio: r.free(None, |p| p.min_lr_ratio, MIN_LR_RATIO),
+        seed,
+        // Free to change between resumes: they do not change what is computed. The thread
+        // count is this machine's, never the checkpoint's.
+        threads: args.threads.unwrap_or_else(|| default_threads().min(MAX_THREADS)),
+        spheres,
+        strategy: r.free(args.strategy, |p| p.strategy, Strategy::default()),
+        clip_norm,
+        clip_mode,
+        val_fraction,
+        eval_every: r.free(args.eval_every, |p| p.eval_every, DEFAULT_EVAL_EVERY),
+        eval_windows: r.free(args.eval_windows, |p| p.eval_windows, DEFAULT_EVAL_WINDOWS),
+        save_every: r.free(args.save_every, |p| p.save_every, DEFAULT_SAVE_EVERY),
+        keep: r.free(args.keep, |p| p.keep, DEFAULT_KEEP),
     };
-    let eval_every = args.eval_every.or(prev.map(|p| p.eval_every)).unwrap_or(100);
-    let eval_windows = args.eval_windows.or(prev.map(|p| p.eval_windows)).unwrap_or(DEFAULT_EVAL_WINDOWS);
-    let save_every = args.save_every.or(prev.map(|p| p.save_every)).unwrap_or(200);
-    let keep = args.keep.or(prev.map(|p| p.keep)).unwrap_or(3);
+    Ok((model_config, options))
+}
 
-    if let Some(c) = &resumed {
-        if c.state.step >= steps {
+/// Checks what depends on the merged options: that a resumed run has steps left and a usable
+/// optimizer state, and that every `--inject-nan` microbatch exists.
+fn check_run(o: &RunOptions, resumed: Option<&Checkpoint>, inject_nan: &[(u64, usize)]) -> CliResult {
+    if let Some(c) = resumed {
+        if c.state.step >= o.steps {
             usage!(
-                "{} is already at step {} of {steps}: nothing to do (pass a larger --steps to train further)",
+                "{} is already at step {} of {}: nothing to do (pass a larger --steps to train further)",
                 c.dir.display(),
-                c.state.step
+                c.state.step,
+                o.steps
             );
         }
-        runner::check_adam_state(c).map_err(Failure::from)?;
+        c.check_adam_state()?;
     }
-    for &(step, micro) in &inject_nan {
+    let spheres = o.spheres;
+    for &(step, micro) in inject_nan {
         if micro >= spheres {
             usage!("--inject-nan {step}:{micro}: microbatch {micro} does not exist (there are {spheres} spheres, 0..{spheres})");
         }
     }
+    Ok(())
+}
 
-    // Data: the flag, else the data the checkpoint was trained on, read the same way; a resumed
-    // run must see the same bytes, or its batches would silently differ.
-    let data_path: Option<PathBuf> = match (&args.data, &resumed) {
+/// The data of the run: the flag, else the data the checkpoint was trained on, read the same
+/// way; a resumed run must see the same bytes, or its batches would silently differ. Returns
+/// the data file (`None`: the built-in corpus) and the corpus, checked to split at the
+/// run's validation fraction and context.
+fn resolve_data(
+    args: &TrainArgs,
+    resumed: Option<&Checkpoint>,
+    o: &RunOptions,
+) -> CliResult<(Option<PathBuf>, Corpus)> {
+    let data_path: Option<PathBuf> = match (&args.data, resumed) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(c)) if c.state.data.name != TINY_SHAKESPEARE_NAME => {
             Some(PathBuf::from(c.state.data.path.as_deref().unwrap_or(&c.state.data.name)))
         }
         _ => None,
     };
-    let format = match (format, &resumed) {
-        (Some(f), _) => Some(f),
-        (None, Some(c)) if args.data.is_none() => c.state.data.format.parse().ok(),
-        _ => None,
+    let format = match (args.format, resumed) {
+        (Some(f), _) => f,
+        (None, Some(c)) if args.data.is_none() => c.state.data.format,
+        _ => DataFormat::default(),
     };
-    let corpus: Corpus = load_corpus(data_path.as_deref(), format.unwrap_or_default())?;
-    if let Some(c) = &resumed {
+    let corpus: Corpus = load_corpus(data_path.as_deref(), format)?;
+    if let Some(c) = resumed {
         if corpus.hash != c.state.data.sha256 {
             return Err(Failure::from(crate::err!(
-                "{}: the data differs from what the checkpoint was trained on ({state_file} records {} bytes with \
+                "{}: the data differs from what the checkpoint was trained on ({} records {} bytes with \
                  sha256 {}, this data has {} bytes with sha256 {})",
                 corpus.name,
+                c.dir.join(STATE_FILE).display(),
                 c.state.data.bytes,
                 c.state.data.sha256,
                 corpus.len(),
@@ -334,9 +419,15 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
             )));
         }
     }
-    corpus.split(val_fraction, context)?;
+    corpus.split(o.val_fraction, o.context)?;
+    Ok((data_path, corpus))
+}
 
-    let (out, out_is_new) = match (&args.out, &resumed) {
+/// The run directory, and whether it is new (created only when training starts). It may hold
+/// no checkpoint of another history: none at all for a new run, none newer than the resumed
+/// step when resuming.
+fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(PathBuf, bool)> {
+    let (out, out_is_new) = match (&args.out, resumed) {
         (Some(o), _) => (o.clone(), !o.exists()),
         (None, Some(c)) => (c.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), false),
         (None, None) => (next_run_dir(Path::new(RUNS_DIR))?, true),
@@ -344,39 +435,49 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
     if out.exists() && !out.is_dir() {
         usage!("--out {}: exists and is not a directory", out.display());
     }
-    if let Some(c) = &resumed {
-        // Later checkpoints of another history in the same directory would be overwritten,
-        // interleaved with this run's, or pruned in its place.
-        if let Some((_, newer)) = checkpoint::list(&out)?.into_iter().find(|(step, _)| *step > c.state.step) {
-            usage!(
-                "--out {} already holds {}, newer than the resumed step {}; resume into another --out",
-                out.display(),
-                newer.display(),
-                c.state.step
-            );
+    match resumed {
+        Some(c) => {
+            // Later checkpoints of another history in the same directory would be overwritten,
+            // interleaved with this run's, or pruned in its place.
+            if let Some((_, newer)) = checkpoint::list(&out)?.into_iter().find(|(step, _)| *step > c.state.step) {
+                usage!(
+                    "--out {} already holds {}, newer than the resumed step {}; resume into another --out",
+                    out.display(),
+                    newer.display(),
+                    c.state.step
+                );
+            }
         }
-        if !args.quiet && args.steps.is_some_and(|n| n != c.state.options.steps) {
-            eprintln!(
-                "note: --steps {steps} differs from the checkpoint's total of {}; the learning-rate schedule follows the \
-                 new total from here on",
-                c.state.options.steps
-            );
-        }
-    }
-    if resumed.is_none() {
-        if let Some((_, newest)) = checkpoint::list(&out)?.pop() {
-            usage!(
-                "--out {} already holds checkpoints (newest {}); pass --resume {} to continue that run, or choose \
-                 another --out",
-                out.display(),
-                newest.display(),
-                out.display()
-            );
+        None => {
+            if let Some((_, newest)) = checkpoint::list(&out)?.pop() {
+                usage!(
+                    "--out {} already holds checkpoints (newest {}); pass --resume {} to continue that run, or \
+                     choose another --out",
+                    out.display(),
+                    newest.display(),
+                    out.display()
+                );
+            }
         }
     }
+    Ok((out, out_is_new))
+}
 
+/// Tells the user when `--steps` moves a resumed run's total (the schedule follows it).
+fn note_new_total(args: &TrainArgs, c: &Checkpoint, steps: u64) {
+    if !args.quiet && args.steps.is_some_and(|n| n != c.state.options.steps) {
+        eprintln!(
+            "note: --steps {steps} differs from the checkpoint's total of {}; the learning-rate schedule follows the \
+             new total from here on",
+            c.state.options.steps
+        );
+    }
+}
+
+/// `--metrics` must be creatable: checked before the run directory is created, so a typo
+/// leaves nothing behind.
+fn check_metrics(args: &TrainArgs) -> CliResult {
     if let Some(m) = &args.metrics {
-        // Checked before the run directory is created, so a typo leaves nothing behind.
         let parent = m.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if m.is_dir() || !parent.is_dir() {
             return Err(Failure::from(crate::err!(
@@ -386,47 +487,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
             )));
         }
     }
-    let progress = if args.quiet {
-        Progress::Silent
-    } else if std::io::stderr().is_terminal() {
-        Progress::Bar
-    } else {
-        Progress::Lines
-    };
-    let options = RunOptions {
-        config_name,
-        context,
-        batch,
-        steps,
-        lr,
-        lr_schedule,
-        warmup_steps,
-        min_lr_ratio,
-        seed,
-        threads,
-        spheres,
-        strategy,
-        clip_norm,
-        clip_mode,
-        val_fraction,
-        eval_every,
-        eval_windows,
-        save_every,
-        keep,
-    };
-    let spec = RunSpec {
-        model_config,
-        options,
-        data_path: data_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
-        corpus,
-        out,
-        resume: resumed,
-        metrics: args.metrics.clone(),
-        inject_nan,
-        progress,
-        command_line: std::env::args().collect(),
-    };
-    Ok(Plan { spec, out_is_new })
+    Ok(())
 }
 
 /// `STEP:MICROBATCH`, both whole numbers, the step counted from 1.
@@ -453,45 +514,64 @@ fn next_run_dir(root: &Path) -> CliResult<PathBuf> {
 }
 
 fn print_plan(plan: &Plan, json: bool) -> CliResult {
-    let s = &plan.spec;
+    let text = if json { format!("{}\n", plan_json(&plan.spec)?) } else { plan_text(&plan.spec)? };
+    write_stdout(text.as_bytes())
+}
+
+/// `--dry-run --json`: one object with every setting the run would use.
+fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
     let o = &s.options;
     let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
-    let params = s.model_config.num_params();
-    let tokens_per_step = o.batch * o.context;
-    let start = s.resume.as_ref().map(|c| c.state.step).unwrap_or(0);
-    if json {
-        let obj = serde_json::json!({
-            "config": o.config_name,
-            "model": s.model_config,
-            "params": params,
-            "context": o.context,
-            "batch": o.batch,
-            "spheres": o.spheres,
-            "threads": o.threads,
-            "strategy": o.strategy,
-            "tokens_per_step": tokens_per_step,
-            "start_step": start,
-            "steps": o.steps,
-            "lr": o.lr,
-            "lr_schedule": o.lr_schedule,
-            "warmup_steps": o.warmup_steps,
-            "seed": o.seed,
-            "data": s.corpus.name,
-            "data_format": s.corpus.format.as_str(),
-            "data_bytes": s.corpus.len(),
-            "train_bytes": train.len(),
-            "val_bytes": val.len(),
-            "out": s.out.display().to_string(),
-            "resume": s.resume.as_ref().map(|c| c.dir.display().to_string()),
-        });
-        return write_stdout(format!("{obj}\n").as_bytes());
-    }
+    Ok(serde_json::json!({
+        "config": o.config_name,
+        "model": s.model_config,
+        "params": s.model_config.num_params(),
+        "context": o.context,
+        "batch": o.batch,
+        "spheres": o.spheres,
+        "threads": o.threads,
+        "strategy": o.strategy,
+        "tokens_per_step": o.batch * o.context,
+        "start_step": s.resume.as_ref().map(|c| c.state.step).unwrap_or(0),
+        "steps": o.steps,
+        "lr": o.lr,
+        "lr_schedule": o.lr_schedule,
+        "min_lr_ratio": o.min_lr_ratio,
+        "warmup_steps": o.warmup_steps,
+        "clip_norm": o.clip_norm,
+        "clip_mode": o.clip_mode,
+        "seed": o.seed,
+        "data": s.corpus.name,
+        "data_format": s.corpus.format,
+        "data_bytes": s.corpus.len(),
+        "train_bytes": train.len(),
+        "val_bytes": val.len(),
+        "val_fraction": o.val_fraction,
+        "eval_every": o.eval_every,
+        "eval_windows": o.eval_windows,
+        "save_every": o.save_every,
+        "keep": o.keep,
+        "out": s.out.display().to_string(),
+        "resume": s.resume.as_ref().map(|c| c.dir.display().to_string()),
+    }))
+}
+
+/// `--dry-run`: the plan for a person.
+fn plan_text(s: &RunSpec) -> CliResult<String> {
+    let o = &s.options;
+    let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
     let c = &s.model_config;
+    let start = s.resume.as_ref().map(|c| c.state.step).unwrap_or(0);
     let mut text = String::new();
     text.push_str("dry run: nothing trained, nothing written\n");
     text.push_str(&format!(
         "model     {} (layers {}, heads {}, embed {}, context {}), {} parameters\n",
-        o.config_name, c.layers, c.heads, c.embed, c.context, params
+        o.config_name,
+        c.layers,
+        c.heads,
+        c.embed,
+        c.context,
+        c.num_params()
     ));
     text.push_str(&format!(
         "data      {} ({}), {} bytes: {} train, {} validation\n",
@@ -503,7 +583,12 @@ fn print_plan(plan: &Plan, json: bool) -> CliResult {
     ));
     text.push_str(&format!(
         "batch     {} x {} = {} tokens/step, {} spheres, {} threads, strategy {}\n",
-        o.batch, o.context, tokens_per_step, o.spheres, o.threads, o.strategy
+        o.batch,
+        o.context,
+        o.batch * o.context,
+        o.spheres,
+        o.threads,
+        o.strategy
     ));
     text.push_str(&format!(
         "schedule  steps {}..={} of {}, lr {} {} with {} warmup steps, clip {} ({}), seed {}\n",
@@ -528,7 +613,7 @@ fn print_plan(plan: &Plan, json: bool) -> CliResult {
     if let Some(r) = &s.resume {
         text.push_str(&format!("resume    from {} (step {})\n", r.dir.display(), r.state.step));
     }
-    write_stdout(text.as_bytes())
+    Ok(text)
 }
 
 /// `train --json` output, keys in this order.
@@ -581,7 +666,8 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
     if args.quiet {
         return write_stdout(text.as_bytes());
     }
-    let opts = SampleOptions { tokens: SAMPLE_BYTES, temperature: 0.8, top_k: 0, seed: o.seed };
+    let opts =
+        SampleOptions { tokens: SAMPLE_BYTES, temperature: DEFAULT_TEMPERATURE, top_k: DEFAULT_TOP_K, seed: o.seed };
     text.push_str(&format!(
         "sample ({SAMPLE_BYTES} bytes, temperature {}, seed {}; more with: cllm generate --checkpoint {} --prompt TEXT):\n",
         opts.temperature,

@@ -16,15 +16,13 @@ pub mod sampler;
 pub mod squad;
 pub mod text;
 
-use std::fmt;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub use sampler::{windows, BatchSampler, SamplerState, Windows};
 pub use squad::{convert_squad_file, squad_to_text, SquadStats};
@@ -39,9 +37,10 @@ pub const TINY_SHAKESPEARE_NAME: &str = "tinyshakespeare (built-in)";
 /// Default fraction of the corpus (its tail) held out for validation.
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
 
-/// How a data file is interpreted (`--format auto|text|squad`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// How a data file is interpreted (`--format auto|text|squad`); spelled the same on the command
+/// line, in `state.json` and in messages, any capitalisation accepted (`crate::names`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum DataFormat {
     /// SQuAD if the file is SQuAD-shaped JSON, otherwise plain text.
     #[default]
@@ -52,37 +51,7 @@ pub enum DataFormat {
     Squad,
 }
 
-impl DataFormat {
-    /// The spellings accepted by [`FromStr`], for help texts.
-    pub const NAMES: [&'static str; 3] = ["auto", "text", "squad"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataFormat::Auto => "auto",
-            DataFormat::Text => "text",
-            DataFormat::Squad => "squad",
-        }
-    }
-}
-
-impl fmt::Display for DataFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for DataFormat {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(DataFormat::Auto),
-            "text" => Ok(DataFormat::Text),
-            "squad" => Ok(DataFormat::Squad),
-            _ => Err(crate::err!("unknown data format {s:?} (expected auto, text or squad)")),
-        }
-    }
-}
+crate::names::value_names!(DataFormat, "data format", ignore_case);
 
 /// A training corpus: the bytes the model sees, plus what a run records about them.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,20 +15,28 @@
 //! - [`reference`]: a serial oracle of the step semantics, for tests.
 //! - [`timing`]: per-worker phase timings in every [`StepReport`].
 //! - [`trainer`]: [`Trainer`], the GPT-facing API.
-//! - `run`: the training loop driven by `cllm train`.
+//! - `run`: the training loop driven by `cllm train`; [`options`]: its settings ([`RunOptions`]);
+//!   [`schedule`]: the learning rate; [`eval`]: the validation loss (shared with `cllm eval`);
+//!   [`progress`]: stderr progress and the metrics file.
 
 pub mod barrier;
+pub mod eval;
+pub mod options;
+pub mod progress;
 pub mod rayon_engine;
 pub mod reference;
 pub mod run;
+pub mod schedule;
 pub mod spheres;
 pub mod strategy;
 pub mod timing;
 pub mod trainer;
 pub mod workload;
 
+pub use options::RunOptions;
 pub use rayon_engine::RayonEngine;
 pub use reference::Reference;
+pub use schedule::LrSchedule;
 #[cfg(any(feature = "loom", feature = "shuttle"))]
 pub use spheres::Fault;
 pub use spheres::{resolve_spheres, Engine, DEFAULT_CHUNK};
@@ -74,7 +82,7 @@ impl Default for TrainerOptions {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(MAX_THREADS),
             spheres: 0,
             strategy: Strategy::default(),
-            clip_norm: 10.0,
+            clip_norm: options::DEFAULT_CLIP_NORM,
             clip_mode: ClipMode::default(),
             adamw: AdamWConfig::default(),
             max_skipped_steps: 3,

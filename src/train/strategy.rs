@@ -1,7 +1,10 @@
 //! How the workers of one step combine their gradients, and how gradients are clipped.
+//!
+//! Both are options of a run, so they derive clap's `ValueEnum` and serde with one kebab-case
+//! spelling (`gradient-lock`, `per-sphere`), and get `Display`/`FromStr` from it
+//! (`crate::names`).
 
-use std::fmt;
-use std::str::FromStr;
+use serde::{Deserialize, Serialize};
 
 /// The synchronization strategy of a training step.
 ///
@@ -14,37 +17,33 @@ use std::str::FromStr;
 ///
 /// All four run the norm and AdamW over the same fixed chunks, so only the gradient sum order
 /// differs; with one thread the two lock strategies add in index order and equal `segmented`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// The original design, kept as the baseline: forward/backward under one model mutex (one
     /// shared set of activations), then accumulation under a gradient mutex, taken while the
     /// model mutex is still held (lock order: model, then gradient).
+    #[value(help = "mutexes around the model and the gradient sum, the baseline (deterministic only with 1 thread)")]
     ModelLock,
     /// Forward/backward in parallel against read-only weights; each finished micro-batch is
     /// added into one shared accumulator under a mutex, in arrival order.
+    #[value(help = "a mutex around the gradient sum (deterministic only with 1 thread)")]
     GradientLock,
     /// Forward/backward in parallel into per-micro-batch buffers; after a barrier, workers
     /// reduce disjoint parameter chunks, each summing the micro-batches in index order. No lock
     /// on the hot path.
     #[default]
+    #[value(help = "lock-free, bit-deterministic at any thread count")]
     Segmented,
     /// What a typical Rust developer would write: micro-batches as a rayon parallel iterator
     /// with a parallel reduction of their gradients on a rayon pool of `threads` threads. Not
     /// model-checked (rayon's threads are outside the sync backend).
+    #[value(help = "a rayon parallel iterator and reduction, for comparison (not deterministic)")]
     Rayon,
 }
 
 impl Strategy {
     pub const ALL: [Strategy; 4] = [Strategy::ModelLock, Strategy::GradientLock, Strategy::Segmented, Strategy::Rayon];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Strategy::ModelLock => "model-lock",
-            Strategy::GradientLock => "gradient-lock",
-            Strategy::Segmented => "segmented",
-            Strategy::Rayon => "rayon",
-        }
-    }
 
     /// True if the final weights are bit-identical for every thread count and every run.
     pub fn is_deterministic(self) -> bool {
@@ -52,56 +51,22 @@ impl Strategy {
     }
 }
 
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Strategy {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
-        Strategy::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
-            crate::err!("unknown strategy '{s}' (expected model-lock, gradient-lock, segmented or rayon)")
-        })
-    }
-}
+crate::names::value_names!(Strategy, "strategy");
 
 /// Where the gradient is clipped to `clip_norm`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ClipMode {
     /// Clip the averaged gradient to the global norm bound.
     #[default]
+    #[value(help = "the averaged gradient")]
     Global,
     /// Clip each micro-batch's gradient before accumulation, as the original C system did.
+    #[value(help = "each microbatch's gradient, before they are combined")]
     PerSphere,
 }
 
-impl ClipMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            ClipMode::Global => "global",
-            ClipMode::PerSphere => "per-sphere",
-        }
-    }
-}
-
-impl fmt::Display for ClipMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ClipMode {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
-        match s {
-            "global" => Ok(ClipMode::Global),
-            "per-sphere" => Ok(ClipMode::PerSphere),
-            _ => Err(crate::err!("unknown clip mode '{s}' (expected global or per-sphere)")),
-        }
-    }
-}
+crate::names::value_names!(ClipMode, "clip mode");
 
 #[cfg(test)]
 mod tests {
@@ -114,6 +79,7 @@ mod tests {
         }
         assert!("fast".parse::<Strategy>().is_err());
         assert_eq!(Strategy::default(), Strategy::Segmented);
+        assert_eq!(<Strategy as clap::ValueEnum>::value_variants(), Strategy::ALL, "ALL lists every variant");
     }
 
     #[test]

@@ -1,0 +1,258 @@
+//! What a run shows while it trains: progress on stderr (a bar on a terminal, plain lines in a
+//! log, or nothing) and the `--metrics` file, one JSON object per step.
+//!
+//! Neither feeds back into training: they only read the step reports, so the weights are the
+//! same whatever is shown.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use super::{StepReport, WorkerTiming};
+use crate::error::Result;
+
+/// How progress is shown while training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A progress bar on stderr (stderr is a terminal).
+    Bar,
+    /// Plain lines on stderr every tenth of the run, for logs.
+    Lines,
+    /// Nothing (`--quiet`, and the library default).
+    Silent,
+}
+
+/// One finished step, as shown on stderr and written to the metrics file.
+pub(crate) struct StepOutcome<'a> {
+    pub step: u64,
+    pub report: &'a StepReport,
+    pub lr: f64,
+    /// The validation loss, on the steps where it was computed.
+    pub val_loss: Option<f64>,
+    /// Wall time of the step (the trainer's `step` call).
+    pub dt: Duration,
+    pub tokens_per_s: f64,
+}
+
+/// Everything a run shows and records while it trains.
+pub(crate) struct Reporter {
+    ui: Ui,
+    metrics: Option<MetricsWriter>,
+}
+
+impl Reporter {
+    /// Opens the metrics file (appended to when `append`, i.e. when resuming) and sets up the
+    /// progress display of a run from `start_step` to `total`.
+    pub(crate) fn new(
+        mode: Progress,
+        metrics: Option<&Path>,
+        append: bool,
+        start_step: u64,
+        total: u64,
+    ) -> Result<Self> {
+        let metrics = match metrics {
+            Some(p) => Some(MetricsWriter::open(p, append)?),
+            None => None,
+        };
+        Ok(Reporter { ui: Ui::new(mode, start_step, total), metrics })
+    }
+
+    /// Records a step in the metrics file, then shows it.
+    pub(crate) fn step(&mut self, s: &StepOutcome<'_>) -> Result<()> {
+        if let Some(m) = self.metrics.as_mut() {
+            m.write(&step_metrics(s))?;
+        }
+        self.ui.step(s);
+        Ok(())
+    }
+
+    /// Shows that a checkpoint was written.
+    pub(crate) fn saved(&self, dir: &Path) {
+        self.ui.saved(dir);
+    }
+
+    /// Ends the progress bar, if any.
+    pub(crate) fn finish(&self) {
+        self.ui.finish();
+    }
+}
+
+/// One line of the `--metrics` file. Field order is the order in the file.
+#[derive(Serialize)]
+struct StepMetrics<'a> {
+    step: u64,
+    loss: f32,
+    /// Present (not null) on steps where the validation loss was computed.
+    val_loss: Option<f64>,
+    lr: f64,
+    grad_norm: f32,
+    max_sphere_norm: f32,
+    clipped: bool,
+    skipped_spheres: &'a [usize],
+    bad_values: &'a [(usize, usize, f32)],
+    update_skipped: bool,
+    adam_t: u64,
+    tokens_per_s: f64,
+    step_ms: f64,
+    /// Worker time in each phase, summed over the workers.
+    compute_ms: f64,
+    reduce_ms: f64,
+    optimizer_ms: f64,
+    wait_ms: f64,
+}
+
+fn step_metrics<'a>(s: &StepOutcome<'a>) -> StepMetrics<'a> {
+    let r = s.report;
+    let ms = |f: fn(&WorkerTiming) -> Duration| r.timings.total(f).as_secs_f64() * 1e3;
+    StepMetrics {
+        step: s.step,
+        loss: r.loss,
+        val_loss: s.val_loss,
+        lr: s.lr,
+        grad_norm: r.grad_norm,
+        max_sphere_norm: r.max_sphere_norm,
+        clipped: r.clipped,
+        skipped_spheres: &r.skipped_spheres,
+        bad_values: &r.bad_values,
+        update_skipped: r.update_skipped,
+        adam_t: r.adam_t,
+        tokens_per_s: s.tokens_per_s,
+        step_ms: s.dt.as_secs_f64() * 1e3,
+        compute_ms: ms(|w| w.compute),
+        reduce_ms: ms(|w| w.reduce),
+        optimizer_ms: ms(|w| w.optimizer),
+        wait_ms: ms(|w| w.barrier_wait + w.lock_wait),
+    }
+}
+
+/// One JSON object per line; flushed every line so a killed run leaves whole lines.
+struct MetricsWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+}
+
+impl MetricsWriter {
+    fn open(path: &Path, append: bool) -> Result<Self> {
+        if path.is_dir() {
+            crate::bail!("--metrics {}: is a directory", path.display());
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .map_err(|e| crate::err!("cannot open {}: {e}", path.display()))?;
+        Ok(MetricsWriter { path: path.to_path_buf(), file: BufWriter::new(file) })
+    }
+
+    fn write(&mut self, v: &impl Serialize) -> Result<()> {
+        let mut line = serde_json::to_string(v)?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| crate::err!("cannot write {}: {e}", self.path.display()))
+    }
+}
+
+/// Progress output on stderr.
+struct Ui {
+    mode: Progress,
+    bar: Option<ProgressBar>,
+    total: u64,
+    every: u64,
+    started: Instant,
+    start_step: u64,
+}
+
+impl Ui {
+    fn new(mode: Progress, start_step: u64, total: u64) -> Self {
+        let bar = (mode == Progress::Bar).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            let style =
+                ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_position(start_step);
+            bar.reset_eta();
+            bar
+        });
+        Ui { mode, bar, total, every: (total / 10).max(1), started: Instant::now(), start_step }
+    }
+
+    fn step(&mut self, s: &StepOutcome<'_>) {
+        let StepOutcome { step, report: r, lr, val_loss: val, tokens_per_s, .. } = *s;
+        let warn = if r.update_skipped {
+            Some(format!("step {step}: update skipped (non-finite gradients in spheres {:?})", r.skipped_spheres))
+        } else if !r.skipped_spheres.is_empty() {
+            Some(format!("step {step}: spheres {:?} skipped (non-finite gradients)", r.skipped_spheres))
+        } else {
+            None
+        };
+        match self.mode {
+            Progress::Silent => {}
+            Progress::Bar => {
+                if let Some(bar) = &self.bar {
+                    if let Some(w) = warn {
+                        bar.println(w);
+                    }
+                    if let Some(v) = val {
+                        bar.println(format!("step {step}: val loss {v:.4}"));
+                    }
+                    bar.set_message(format!("loss {:.4} | lr {lr:.2e} | {:.0} tok/s", r.loss, tokens_per_s));
+                    bar.set_position(step);
+                }
+            }
+            Progress::Lines => {
+                if let Some(w) = warn {
+                    eprintln!("{w}");
+                }
+                if step.is_multiple_of(self.every) || step == self.total || val.is_some() {
+                    let done = (step - self.start_step) as f64;
+                    let left = (self.total - step) as f64;
+                    let eta = self.started.elapsed().as_secs_f64() / done.max(1.0) * left;
+                    let val = val.map(|v| format!(" | val loss {v:.4}")).unwrap_or_default();
+                    eprintln!(
+                        "step {step}/{} | loss {:.4}{val} | lr {lr:.2e} | {:.0} tok/s | eta {}",
+                        self.total,
+                        r.loss,
+                        tokens_per_s,
+                        format_secs(eta)
+                    );
+                }
+            }
+        }
+    }
+
+    fn saved(&self, dir: &Path) {
+        match self.mode {
+            Progress::Silent => {}
+            Progress::Bar => {
+                if let Some(bar) = &self.bar {
+                    bar.println(format!("saved {}", dir.display()));
+                }
+            }
+            Progress::Lines => eprintln!("saved {}", dir.display()),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn format_secs(s: f64) -> String {
+    let s = s.round() as u64;
+    if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
