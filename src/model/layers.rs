@@ -189,10 +189,9 @@ pub fn linear_forward(
     gemm_bias_prepacked(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), packed, bias);
 }
 
-/// dinp[N,IC] (overwrites, or accumulates when `accumulate_dinp`) = dout · wᵀ;
-/// dw[IC,OC] = inpᵀ · dout (overwrites: each weight is used once per pass, and writing
-/// instead of accumulating spares zeroing the whole gradient buffer); dbias[OC] += Σ_rows dout.
-/// `packed_t`, if given, is `wᵀ` already packed.
+/// dinp[N,IC] (overwrites) = dout · wᵀ; dw[IC,OC] = inpᵀ · dout (overwrites: each weight is
+/// used once per pass, and writing instead of accumulating spares zeroing the whole gradient
+/// buffer); dbias[OC] += Σ_rows dout. `packed_t`, if given, is `wᵀ` already packed.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dinp: &mut [f32],
@@ -205,9 +204,8 @@ pub fn linear_backward(
     n: usize,
     ic: usize,
     oc: usize,
-    accumulate_dinp: bool,
 ) {
-    gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, accumulate_dinp);
+    gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, false);
     // dbias[OC] += Σ_rows dout, summed row by row while dout is packed for the dW product.
     gemm_colsum(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), dbias);
 }

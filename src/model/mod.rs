@@ -13,5 +13,5 @@ pub mod weights;
 pub use activations::Activations;
 pub use gpt::{backward, forward};
 pub use packed::PackedWeights;
-pub use params::{BlockOffsets, ParamLayout, TensorSpec};
+pub use params::{BlockParams, BlockTensors, ParamLayout, TensorSpec};
 pub use weights::{load_safetensors, save_safetensors, Model};
