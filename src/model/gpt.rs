@@ -7,7 +7,8 @@
 //! [`super::params::TensorSpec::written_by_gemm`].
 
 use super::activations::{Activations, BlockActs};
-use super::gemm::{gemm, gemm_prepacked, Mat};
+use super::gemm::{gemm, gemm_prepacked};
+use super::kernel::Mat;
 use super::layers::*;
 use super::packed::{PackedBlock, PackedWeights};
 use super::params::{split_mut, BlockTensors, ParamLayout};

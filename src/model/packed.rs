@@ -1,4 +1,4 @@
-//! Every GEMM weight of the model, packed once for the native kernel in both orientations the
+//! Every GEMM weight of the model, packed once for the kernel in both orientations the
 //! passes read it: `W` for the forward product and `Wᵀ` for the backward `dX = dY·Wᵀ`.
 //!
 //! Without this each micro-batch packs every weight twice (once per pass), and the packing of
@@ -7,8 +7,7 @@
 //! for all its micro-batches. The packed panels hold the same values in the same order as the
 //! per-call packing, so results are bit-identical with or without them.
 
-use super::gemm::Mat;
-use super::kernel::{PackedB, NR};
+use super::kernel::{Mat, PackedB, NR};
 use super::params::ParamLayout;
 use std::cell::UnsafeCell;
 use std::ops::Range;
