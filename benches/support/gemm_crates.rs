@@ -1,6 +1,6 @@
 //! The GEMMs `benches/model.rs` compares: cllm's own kernel (what the model uses) and, called
 //! directly, the `gemm` and `matrixmultiply` crates (dev-dependencies only; the model never
-//! calls them). Shared with `tests/gemm_crates.rs`, which checks all three compute the same
+//! calls them). Shared with `tests/gemm_products.rs`, which checks all three compute the same
 //! product, so a comparison row always measures the right thing.
 
 use cllm::model::kernel::{check_bounds, Mat};

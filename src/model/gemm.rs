@@ -83,69 +83,8 @@ pub fn gemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: 
 
 #[cfg(test)]
 mod tests {
+    // Products against a naive loop, and prepacked against packed per call: tests/gemm_products.rs.
     use super::*;
-
-    fn naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
-        let mut c = vec![0.0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = 0.0f64;
-                for p in 0..k {
-                    s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
-                }
-                c[i * n + j] = s as f32;
-            }
-        }
-        c
-    }
-
-    fn filled(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
-    }
-
-    #[test]
-    fn products_match_a_naive_product_for_all_transpose_combinations_packed_or_not() {
-        let (m, n, k) = (7, 5, 9);
-        let a_rm = filled(m * k, 1);
-        let a_cm = filled(m * k, 2);
-        let b_rm = filled(k * n, 3);
-        let b_cm = filled(k * n, 4);
-        for a in [Mat::rows(&a_rm, k), Mat::transposed(&a_cm, m)] {
-            for b in [Mat::rows(&b_rm, n), Mat::transposed(&b_cm, k)] {
-                let want = naive(m, n, k, a, b);
-                let packed = PackedB::pack(k, n, b);
-                for p in [None, Some(&packed)] {
-                    let mut c = vec![1.0f32; m * n];
-                    gemm_prepacked(m, n, k, &mut c, n, a, b, p, false);
-                    for (x, y) in c.iter().zip(&want) {
-                        assert!((x - y).abs() < 1e-5, "packed {}: {x} vs {y}", p.is_some());
-                    }
-                    let mut c2 = vec![1.0f32; m * n];
-                    gemm_prepacked(m, n, k, &mut c2, n, a, b, p, true);
-                    for (x, y) in c2.iter().zip(&want) {
-                        assert!((x - (y + 1.0)).abs() < 1e-5, "packed {}: accumulate", p.is_some());
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn bias_product_adds_the_bias_to_every_row_packed_or_not() {
-        let (m, n, k) = (9, 21, 13);
-        let (a, b, bias) = (filled(m * k, 5), filled(k * n, 6), filled(n, 7));
-        let (am, bm) = (Mat::rows(&a, k), Mat::rows(&b, n));
-        let want = naive(m, n, k, am, bm);
-        let mut c = vec![f32::NAN; m * n];
-        gemm_bias_prepacked(m, n, k, &mut c, n, am, bm, None, &bias);
-        for (i, (x, y)) in c.iter().zip(&want).enumerate() {
-            assert!((x - (y + bias[i % n])).abs() < 1e-5, "{x} vs {y} + bias");
-        }
-        let packed = PackedB::pack(k, n, bm);
-        let mut c2 = vec![f32::NAN; m * n];
-        gemm_bias_prepacked(m, n, k, &mut c2, n, am, bm, Some(&packed), &bias);
-        assert!(c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()));
-    }
 
     #[test]
     #[should_panic(expected = "packed B is 4x3")]
