@@ -1,6 +1,6 @@
 //! The whole model: forward (tokens → mean loss) and backward (→ parameter gradients), laid
 //! out as llm.c's `gpt2_forward`/`gpt2_backward`: the embedding, one short call per layer of
-//! each block ([`block_forward`], [`block_backward`]), then the tied output head.
+//! each block (`block_forward`, `block_backward`), then the tied output head.
 //!
 //! Shapes: B sequences of T positions, N = B·T rows, width C, NH heads, vocabulary V. Which
 //! gradients the backward pass overwrites and which it accumulates (after zeroing them) is
