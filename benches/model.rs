@@ -1,26 +1,29 @@
 //! One forward+backward of the `small` and `seed` configs on one thread, as tokens/s and model
-//! GFLOP/s, beside the GFLOP/s of both GEMM crates on a large square product and on the model's
-//! own shapes, all measured in the same run.
+//! GFLOP/s, beside the GFLOP/s of cllm's kernel and both GEMM crates (called directly, see
+//! `support/gemm_crates.rs`) on a large square product and on the model's own shapes, all
+//! measured in the same run.
 //!
 //! `cargo bench --bench model` (criterion report), then a one-screen summary with the model's
 //! GFLOP/s as a fraction of the GEMM peak.
 
-use cllm::model::gemm::{gemm_with, Backend, Mat};
+use cllm::model::kernel::Mat;
 use cllm::model::{backward, forward, Activations, Model};
 use cllm::ModelConfig;
 use criterion::{black_box, criterion_group, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
 
+#[path = "support/gemm_crates.rs"]
+mod gemm_crates;
+use gemm_crates::{product, Impl, ALL};
+
 const SQUARE: usize = 1024;
-const BACKENDS: [(&str, Backend); 3] =
-    [("cllm-kernel", Backend::Native), ("gemm", Backend::Gemm), ("matrixmultiply", Backend::MatrixMultiply)];
 
 fn fill(len: usize) -> Vec<f32> {
     (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
 }
 
-fn square_gemm(backend: Backend, a: &[f32], b: &[f32], c: &mut [f32]) {
-    gemm_with(backend, SQUARE, SQUARE, SQUARE, c, SQUARE, Mat::rows(a, SQUARE), Mat::rows(b, SQUARE), false);
+fn square_gemm(which: Impl, a: &[f32], b: &[f32], c: &mut [f32]) {
+    product(which, SQUARE, SQUARE, SQUARE, c, SQUARE, Mat::rows(a, SQUARE), Mat::rows(b, SQUARE), false);
 }
 
 struct StepCase {
@@ -68,8 +71,8 @@ fn bench_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm_square_1024");
     g.throughput(Throughput::Elements((2 * SQUARE * SQUARE * SQUARE) as u64));
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    for (name, backend) in BACKENDS {
-        g.bench_function(name, |bch| bch.iter(|| square_gemm(backend, &a, &b, &mut out)));
+    for (name, which) in ALL {
+        g.bench_function(name, |bch| bch.iter(|| square_gemm(which, &a, &b, &mut out)));
     }
     g.finish();
 
@@ -81,9 +84,9 @@ fn bench_gemm(c: &mut Criterion) {
         let (a, b) = (fill(m * k), fill(k * n));
         let mut out = vec![0.0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        for (name, backend) in BACKENDS {
+        for (name, which) in ALL {
             g.bench_with_input(BenchmarkId::new(name, format!("{m}x{n}x{k}")), &(), |bch, _| {
-                bch.iter(|| gemm_with(backend, m, n, k, &mut out, n, Mat::rows(&a, k), Mat::rows(&b, n), false))
+                bch.iter(|| product(which, m, n, k, &mut out, n, Mat::rows(&a, k), Mat::rows(&b, n), false))
             });
         }
     }
@@ -122,11 +125,11 @@ fn summary() {
     let flops = 2.0 * (SQUARE as f64).powi(3);
     let mut peak = 0.0f64;
     println!("\n== summary (1 thread) ==");
-    for (name, backend) in BACKENDS {
-        let s = median_secs(7, || square_gemm(backend, &a, &b, &mut out));
+    for (name, which) in ALL {
+        let s = median_secs(7, || square_gemm(which, &a, &b, &mut out));
         let gf = flops / s / 1e9;
         println!("{name:>15} {SQUARE}^3: {gf:7.1} GFLOP/s");
-        if backend == cllm::model::gemm::DEFAULT_BACKEND {
+        if which == Impl::Cllm {
             peak = gf;
         }
     }

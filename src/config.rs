@@ -69,9 +69,14 @@ impl ModelConfig {
         self.embed / self.heads
     }
 
-    /// Total number of parameters (tied output head counted once).
+    /// Total number of parameters (tied output head counted once): the embeddings (V·C + T·C),
+    /// per block two LayerNorms (4C), c_attn (3C² + 3C), attn.c_proj (C² + C), c_fc (4C² + 4C)
+    /// and mlp.c_proj (4C² + C), and ln_f (2C). The model's parameter layout has exactly these
+    /// tensors (a test in `model::params` checks the two agree).
     pub fn num_params(&self) -> usize {
-        crate::model::ParamLayout::new(self).num_params()
+        let (v, t, c) = (self.vocab, self.context, self.embed);
+        let per_block = 12 * c * c + 13 * c;
+        v * c + t * c + self.layers * per_block + 2 * c
     }
 
     /// Model FLOPs per trained token (forward + backward): 6·params + 12·layers·context·embed.

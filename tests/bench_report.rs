@@ -50,6 +50,7 @@ fn tiny_bench_writes_json_markdown_and_svg() {
     for key in ["cpu_model", "rustc", "git_commit"] {
         assert!(machine[key].as_str().is_some_and(|s| !s.is_empty()), "machine.{key}");
     }
+    assert_eq!(machine["gemm_backend"].as_str(), Some(cllm::model::kernel::name()), "machine.gemm_backend");
     assert_eq!(v["config"], "tiny");
     let ceiling = v["ceiling"].as_object().expect("ceiling object");
     for t in ["1", "2"] {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::model::gemm::{gemm, Mat};
+use crate::model::gemm::gemm;
+use crate::model::kernel::{self, Mat};
 
 /// The machine a report was measured on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -17,7 +18,7 @@ pub struct Machine {
     pub rustc: String,
     pub git_commit: String,
     pub os: String,
-    /// The GEMM crate the model used.
+    /// The GEMM kernel the model used and its code path on this CPU ([`kernel::name`]).
     pub gemm_backend: String,
 }
 
@@ -29,7 +30,7 @@ impl Machine {
             rustc: rustc_version(),
             git_commit: option_env!("CLLM_GIT_COMMIT").unwrap_or("unknown").to_string(),
             os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
-            gemm_backend: format!("{:?}", crate::model::gemm::backend()),
+            gemm_backend: kernel::name().to_string(),
         }
     }
 }

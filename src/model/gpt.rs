@@ -1,21 +1,47 @@
-//! The whole model: forward (tokens → mean loss) and backward (→ parameter gradients).
+//! The whole model: forward (tokens → mean loss) and backward (→ parameter gradients), laid
+//! out as llm.c's `gpt2_forward`/`gpt2_backward`: the embedding, one short call per layer of
+//! each block (`block_forward`, `block_backward`), then the tied output head.
+//!
+//! Shapes: B sequences of T positions, N = B·T rows, width C, NH heads, vocabulary V. Which
+//! gradients the backward pass overwrites and which it accumulates (after zeroing them) is
+//! [`super::params::TensorSpec::written_by_gemm`].
 
-use super::activations::Activations;
+use super::activations::{Activations, BlockActs};
+use super::gemm::{gemm, gemm_prepacked};
+use super::kernel::Mat;
 use super::layers::*;
-use super::packed::PackedWeights;
-use super::params::ParamLayout;
+use super::packed::{PackedBlock, PackedWeights};
+use super::params::{split_mut, BlockTensors, ParamLayout};
 use crate::config::ModelConfig;
-use std::ops::Range;
 
-fn view(buf: &[f32], off: usize, len: usize) -> &[f32] {
-    &buf[off..off + len]
+/// The sizes of one pass.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    /// N = B·T.
+    n: usize,
 }
 
-/// Two disjoint mutable views of one buffer (for a weight and its bias, say).
-fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
-    assert!(a.end <= b.start, "two_mut: ranges must be ordered and disjoint");
-    let (lo, hi) = buf.split_at_mut(b.start);
-    (&mut lo[a], &mut hi[..b.end - b.start])
+impl Dims {
+    fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        Dims { b, t, c: cfg.embed, nh: cfg.heads, n: b * t }
+    }
+    /// Elements of one head-by-head attention matrix for the batch: B·NH·T·T.
+    fn att(&self) -> usize {
+        self.b * self.nh * self.t * self.t
+    }
+}
+
+/// One block's weights, as views of the parameters.
+type BlockWeights<'a> = BlockTensors<&'a [f32]>;
+
+/// The residual stream entering block `blocks.len()`: the last block's output, or the
+/// embeddings when there is none.
+fn residual_after<'a>(blocks: &'a [BlockActs], encoded: &'a [f32], nc: usize) -> &'a [f32] {
+    blocks.last().map_or(&encoded[..nc], |blk| &blk.res3[..nc])
 }
 
 /// Runs the model on `inputs` [b,t] and, given `targets` [b,t], returns the mean
@@ -47,8 +73,33 @@ pub fn forward_with_layout(
     b: usize,
     t: usize,
 ) -> f32 {
+    load_batch(layout, params, packed, acts, inputs, targets, b, t);
+    let d = Dims::new(&layout.config, b, t);
+    let nc = d.n * d.c;
+    let (wte, wpe) = (&params[layout.wte.clone()], &params[layout.wpe.clone()]);
+    encoder_forward(&mut acts.encoded[..nc], inputs, wte, wpe, b, t, d.c);
+    for (l, p) in layout.blocks.iter().enumerate() {
+        let (done, rest) = acts.blocks.split_at_mut(l);
+        let resid = residual_after(done, &acts.encoded, nc);
+        block_forward(&p.of(params), packed.map(|pw| &pw.blocks[l]), &mut rest[0], resid, d);
+    }
+    head_forward(layout, params, packed, acts, targets, d)
+}
+
+/// Checks a forward call's arguments and records the batch in `acts`.
+#[allow(clippy::too_many_arguments)]
+fn load_batch(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    inputs: &[u32],
+    targets: Option<&[u32]>,
+    b: usize,
+    t: usize,
+) {
     let cfg = layout.config;
-    let (v, c, nh) = (cfg.vocab, cfg.embed, cfg.heads);
+    let v = cfg.vocab;
     assert_eq!(params.len(), layout.num_params(), "parameter buffer has the wrong length");
     assert!(
         b <= acts.cap_b && t <= acts.cap_t,
@@ -73,114 +124,45 @@ pub fn forward_with_layout(
         acts.targets[..n].copy_from_slice(tg);
         acts.has_targets = true;
     }
+}
 
-    encoder_forward(
-        &mut acts.encoded[..n * c],
-        inputs,
-        view(params, layout.wte, v * c),
-        view(params, layout.wpe, cfg.context * c),
-        b,
-        t,
-        c,
-    );
-    for l in 0..cfg.layers {
-        let p = &layout.blocks[l];
-        let pk = packed.map(|pw| &pw.blocks[l]);
-        let (prev, rest) = acts.blocks.split_at_mut(l);
-        let a = &mut rest[0];
-        let resid: &[f32] = if l == 0 { &acts.encoded[..n * c] } else { &prev[l - 1].res3[..n * c] };
-        layernorm_forward(
-            &mut a.ln1[..n * c],
-            &mut a.ln1_mean[..n],
-            &mut a.ln1_rstd[..n],
-            resid,
-            view(params, p.ln1_w, c),
-            view(params, p.ln1_b, c),
-            n,
-            c,
-        );
-        linear_forward(
-            &mut a.qkv[..n * 3 * c],
-            &a.ln1[..n * c],
-            view(params, p.qkv_w, c * 3 * c),
-            pk.map(|b| &b.qkv.fwd),
-            view(params, p.qkv_b, 3 * c),
-            n,
-            c,
-            3 * c,
-        );
-        attention_forward(&mut a.atty[..n * c], &mut a.att[..b * nh * t * t], &a.qkv[..n * 3 * c], b, t, c, nh);
-        linear_forward(
-            &mut a.res2[..n * c],
-            &a.atty[..n * c],
-            view(params, p.proj_w, c * c),
-            pk.map(|b| &b.proj.fwd),
-            view(params, p.proj_b, c),
-            n,
-            c,
-            c,
-        );
-        add_inplace(&mut a.res2[..n * c], resid);
-        layernorm_forward(
-            &mut a.ln2[..n * c],
-            &mut a.ln2_mean[..n],
-            &mut a.ln2_rstd[..n],
-            &a.res2[..n * c],
-            view(params, p.ln2_w, c),
-            view(params, p.ln2_b, c),
-            n,
-            c,
-        );
-        linear_forward(
-            &mut a.fch[..n * 4 * c],
-            &a.ln2[..n * c],
-            view(params, p.fc_w, c * 4 * c),
-            pk.map(|b| &b.fc.fwd),
-            view(params, p.fc_b, 4 * c),
-            n,
-            c,
-            4 * c,
-        );
-        // fch now holds GELU'(c_fc output): all the backward pass needs of it.
-        gelu_forward_saving_grad(&mut a.fch_gelu[..n * 4 * c], &mut a.fch[..n * 4 * c]);
-        linear_forward(
-            &mut a.res3[..n * c],
-            &a.fch_gelu[..n * 4 * c],
-            view(params, p.fcproj_w, 4 * c * c),
-            pk.map(|b| &b.fcproj.fwd),
-            view(params, p.fcproj_b, c),
-            n,
-            4 * c,
-            c,
-        );
-        add_inplace(&mut a.res3[..n * c], &a.res2[..n * c]);
-    }
-    let last: &[f32] = match acts.blocks.last() {
-        Some(blk) => &blk.res3[..n * c],
-        None => &acts.encoded[..n * c],
-    };
-    layernorm_forward(
-        &mut acts.lnf[..n * c],
-        &mut acts.lnf_mean[..n],
-        &mut acts.lnf_rstd[..n],
-        last,
-        view(params, layout.lnf_w, c),
-        view(params, layout.lnf_b, c),
-        n,
-        c,
-    );
-    // logits[N,V] = lnf[N,C] · wteᵀ (tied head)
-    super::gemm::gemm_prepacked(
-        n,
-        v,
-        c,
-        &mut acts.probs[..n * v],
-        v,
-        super::gemm::Mat::rows(&acts.lnf[..n * c], c),
-        super::gemm::Mat::transposed(view(params, layout.wte, v * c), c),
-        packed.map(|pw| &pw.head.fwd),
-        false,
-    );
+/// One transformer block, `resid` [N,C] in, `a.res3` [N,C] out:
+/// res2 = resid + c_proj(attn(c_attn(ln_1(resid)))), res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))).
+fn block_forward(w: &BlockWeights, pk: Option<&PackedBlock>, a: &mut BlockActs, resid: &[f32], d: Dims) {
+    let (n, c, nc) = (d.n, d.c, d.n * d.c);
+    // ln1[N,C], qkv[N,3C], atty[N,C] (att[B,NH,T,T] saved), res2[N,C]
+    layernorm_forward(&mut a.ln1[..nc], &mut a.ln1_mean[..n], &mut a.ln1_rstd[..n], resid, w.ln1_w, w.ln1_b, n, c);
+    linear_forward(&mut a.qkv[..3 * nc], &a.ln1[..nc], w.qkv_w, pk.map(|k| &k.qkv.fwd), w.qkv_b, n, c, 3 * c);
+    attention_forward(&mut a.atty[..nc], &mut a.att[..d.att()], &a.qkv[..3 * nc], d.b, d.t, c, d.nh);
+    linear_forward(&mut a.res2[..nc], &a.atty[..nc], w.proj_w, pk.map(|k| &k.proj.fwd), w.proj_b, n, c, c);
+    add_inplace(&mut a.res2[..nc], resid);
+    // ln2[N,C], fch[N,4C], fch_gelu[N,4C], res3[N,C]
+    let res2 = &a.res2[..nc];
+    layernorm_forward(&mut a.ln2[..nc], &mut a.ln2_mean[..n], &mut a.ln2_rstd[..n], res2, w.ln2_w, w.ln2_b, n, c);
+    linear_forward(&mut a.fch[..4 * nc], &a.ln2[..nc], w.fc_w, pk.map(|k| &k.fc.fwd), w.fc_b, n, c, 4 * c);
+    // fch now holds GELU'(c_fc output): all the backward pass needs of it.
+    gelu_forward_saving_grad(&mut a.fch_gelu[..4 * nc], &mut a.fch[..4 * nc]);
+    let fcproj = pk.map(|k| &k.fcproj.fwd);
+    linear_forward(&mut a.res3[..nc], &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, w.fcproj_b, n, 4 * c, c);
+    add_inplace(&mut a.res3[..nc], res2);
+}
+
+/// The final LayerNorm and the tied output head: lnf[N,C] = ln_f(last residual),
+/// logits[N,V] = lnf · wteᵀ, then probabilities in place and, with targets, the mean loss.
+fn head_forward(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    targets: Option<&[u32]>,
+    d: Dims,
+) -> f32 {
+    let (n, c, nc, v) = (d.n, d.c, d.n * d.c, layout.config.vocab);
+    let last = residual_after(&acts.blocks, &acts.encoded, nc);
+    let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
+    layernorm_forward(&mut acts.lnf[..nc], &mut acts.lnf_mean[..n], &mut acts.lnf_rstd[..n], last, lnf_w, lnf_b, n, c);
+    let (lnf, wte) = (Mat::rows(&acts.lnf[..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
+    gemm_prepacked(n, v, c, &mut acts.probs[..n * v], v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
     match targets {
         Some(tg) => softmax_crossentropy_forward(&mut acts.probs[..n * v], &mut acts.losses[..n], tg, n, v),
         None => {
@@ -190,17 +172,26 @@ pub fn forward_with_layout(
     }
 }
 
-/// Tensors whose gradient a GEMM writes in full during backward.
-fn is_gemm_written(name: &str) -> bool {
-    name == "wte.weight" || (name.starts_with("h.") && name.ends_with(".weight") && !name.contains(".ln_"))
-}
-
 /// Overwrites `grads` with d(mean loss)/d(params) for the last [`forward`] call (which must
 /// have had targets). A pure function of (params, inputs, targets): the same bits whichever
 /// thread runs it.
 pub fn backward(cfg: &ModelConfig, params: &[f32], acts: &mut Activations, grads: &mut [f32]) {
     let layout = ParamLayout::new(cfg);
     backward_with_layout(&layout, params, None, acts, grads)
+}
+
+/// The backward pass's scratch, sliced to the batch.
+struct Scratch<'a> {
+    /// dL/d(residual stream) [N,C], carried from block to block.
+    d_res: &'a mut [f32],
+    /// dL/d(a LayerNorm's output, or a linear layer's input) [N,C].
+    d_ln: &'a mut [f32],
+    /// dL/d(the MLP's hidden layer) [N,4C].
+    d_big: &'a mut [f32],
+    /// dL/d(q|k|v) [N,3C].
+    d_qkv: &'a mut [f32],
+    /// dL/d(one head's attention scores) [T,T].
+    d_att: &'a mut [f32],
 }
 
 /// [`backward`] with a precomputed layout and, optionally, the weights prepacked from the same
@@ -213,184 +204,88 @@ pub fn backward_with_layout(
     grads: &mut [f32],
 ) {
     let cfg = layout.config;
-    let (v, c, nh) = (cfg.vocab, cfg.embed, cfg.heads);
-    let (b, t) = (acts.b, acts.t);
-    let n = b * t;
+    let d = Dims::new(&cfg, acts.b, acts.t);
+    let nc = d.n * d.c;
     assert!(acts.has_targets, "backward needs a forward pass with targets");
     assert_eq!(grads.len(), layout.num_params(), "gradient buffer has the wrong length");
-    // Linear weights are written (not accumulated) by their GEMM, and the tied `wte` first by
-    // the output head's GEMM; only the small accumulated tensors need zeroing, which saves a
-    // write of the whole buffer per micro-batch.
-    for spec in &layout.tensors {
-        if !is_gemm_written(&spec.name) {
-            grads[spec.range()].fill(0.0);
-        }
-    }
-
-    let targets = &acts.targets[..n];
-    crossentropy_softmax_backward(&mut acts.probs[..n * v], targets, n, v, 1.0 / n as f32);
-    let dlogits = &acts.probs[..n * v];
-    let wte = view(params, layout.wte, v * c);
-    // dlnf[N,C] = dlogits · wte ; dwte += dlogitsᵀ · lnf
-    use super::gemm::{gemm, gemm_prepacked, Mat};
     if let Some(pw) = packed {
         assert_eq!(pw.blocks.len(), cfg.layers, "packed weights were sized for another config");
     }
-    let head_bwd = packed.map(|pw| &pw.head.bwd);
-    gemm_prepacked(n, c, v, &mut acts.d_ln[..n * c], c, Mat::rows(dlogits, v), Mat::rows(wte, c), head_bwd, false);
-    gemm(
-        v,
-        c,
-        n,
-        &mut grads[layout.wte..layout.wte + v * c],
-        c,
-        Mat::transposed(dlogits, v),
-        Mat::rows(&acts.lnf[..n * c], c),
-        false,
-    );
-
-    let d_res = &mut acts.d_res[..n * c];
-    d_res.fill(0.0);
-    {
-        let last: &[f32] = match acts.blocks.last() {
-            Some(blk) => &blk.res3[..n * c],
-            None => &acts.encoded[..n * c],
-        };
-        let (dw, db) = two_mut(grads, layout.lnf_w..layout.lnf_w + c, layout.lnf_b..layout.lnf_b + c);
-        layernorm_backward(
-            d_res,
-            dw,
-            db,
-            &acts.d_ln[..n * c],
-            last,
-            view(params, layout.lnf_w, c),
-            &acts.lnf_mean[..n],
-            &acts.lnf_rstd[..n],
-            n,
-            c,
-        );
+    // Linear weights are written (not accumulated) by their GEMM, and the tied `wte` first by
+    // the output head's GEMM; only the small accumulated tensors need zeroing, which saves a
+    // write of the whole buffer per micro-batch.
+    for spec in layout.tensors.iter().filter(|spec| !spec.written_by_gemm) {
+        grads[spec.range()].fill(0.0);
     }
-
-    for l in (0..cfg.layers).rev() {
-        let p = &layout.blocks[l];
+    head_backward(layout, params, packed, acts, grads, d);
+    let mut s = Scratch {
+        d_res: &mut acts.d_res[..nc],
+        d_ln: &mut acts.d_ln[..nc],
+        d_big: &mut acts.d_big[..4 * nc],
+        d_qkv: &mut acts.d_qkv[..3 * nc],
+        d_att: &mut acts.d_att[..d.t * d.t],
+    };
+    for (l, p) in layout.blocks.iter().enumerate().rev() {
+        let resid = residual_after(&acts.blocks[..l], &acts.encoded, nc);
         let pk = packed.map(|pw| &pw.blocks[l]);
-        let a = &acts.blocks[l];
-        let resid: &[f32] = if l == 0 { &acts.encoded[..n * c] } else { &acts.blocks[l - 1].res3[..n * c] };
-        let d_ln = &mut acts.d_ln[..n * c];
-        let d_big = &mut acts.d_big[..n * 4 * c];
-
-        // MLP half: res3 = res2 + c_proj(gelu(c_fc(ln_2(res2))))
-        {
-            let (dw, db) = two_mut(grads, p.fcproj_w..p.fcproj_w + 4 * c * c, p.fcproj_b..p.fcproj_b + c);
-            linear_backward(
-                d_big,
-                dw,
-                db,
-                d_res,
-                &a.fch_gelu[..n * 4 * c],
-                view(params, p.fcproj_w, 4 * c * c),
-                pk.map(|b| &b.fcproj.bwd),
-                n,
-                4 * c,
-                c,
-                false,
-            );
-        }
-        gelu_backward_saved(d_big, &a.fch[..n * 4 * c]);
-        {
-            let (dw, db) = two_mut(grads, p.fc_w..p.fc_w + c * 4 * c, p.fc_b..p.fc_b + 4 * c);
-            linear_backward(
-                d_ln,
-                dw,
-                db,
-                d_big,
-                &a.ln2[..n * c],
-                view(params, p.fc_w, c * 4 * c),
-                pk.map(|b| &b.fc.bwd),
-                n,
-                c,
-                4 * c,
-                false,
-            );
-        }
-        {
-            let (dw, db) = two_mut(grads, p.ln2_w..p.ln2_w + c, p.ln2_b..p.ln2_b + c);
-            layernorm_backward(
-                d_res,
-                dw,
-                db,
-                d_ln,
-                &a.res2[..n * c],
-                view(params, p.ln2_w, c),
-                &a.ln2_mean[..n],
-                &a.ln2_rstd[..n],
-                n,
-                c,
-            );
-        }
-
-        // Attention half: res2 = resid + c_proj(attn(c_attn(ln_1(resid))))
-        {
-            let (dw, db) = two_mut(grads, p.proj_w..p.proj_w + c * c, p.proj_b..p.proj_b + c);
-            linear_backward(
-                d_ln,
-                dw,
-                db,
-                d_res,
-                &a.atty[..n * c],
-                view(params, p.proj_w, c * c),
-                pk.map(|b| &b.proj.bwd),
-                n,
-                c,
-                c,
-                false,
-            );
-        }
-        let d_qkv = &mut acts.d_qkv[..n * 3 * c];
-        attention_backward(
-            d_qkv,
-            &mut acts.d_att[..t * t],
-            d_ln,
-            &a.qkv[..n * 3 * c],
-            &a.att[..b * nh * t * t],
-            b,
-            t,
-            c,
-            nh,
-        );
-        {
-            let (dw, db) = two_mut(grads, p.qkv_w..p.qkv_w + c * 3 * c, p.qkv_b..p.qkv_b + 3 * c);
-            linear_backward(
-                d_ln,
-                dw,
-                db,
-                d_qkv,
-                &a.ln1[..n * c],
-                view(params, p.qkv_w, c * 3 * c),
-                pk.map(|b| &b.qkv.bwd),
-                n,
-                c,
-                3 * c,
-                false,
-            );
-        }
-        {
-            let (dw, db) = two_mut(grads, p.ln1_w..p.ln1_w + c, p.ln1_b..p.ln1_b + c);
-            layernorm_backward(
-                d_res,
-                dw,
-                db,
-                d_ln,
-                resid,
-                view(params, p.ln1_w, c),
-                &a.ln1_mean[..n],
-                &a.ln1_rstd[..n],
-                n,
-                c,
-            );
-        }
+        block_backward(&p.of(params), pk, &acts.blocks[l], resid, p.of_mut(grads), &mut s, d);
     }
+    let [dwte, dwpe] = split_mut(grads, [&layout.wte, &layout.wpe]);
+    encoder_backward(dwte, dwpe, s.d_res, &acts.inputs[..d.n], d.b, d.t, d.c);
+}
 
-    let (dwte, dwpe) = two_mut(grads, layout.wte..layout.wte + v * c, layout.wpe..layout.wpe + cfg.context * c);
-    encoder_backward(dwte, dwpe, d_res, &acts.inputs[..n], b, t, c);
+/// Backward through the loss, the tied head and ln_f: `acts.probs` becomes dlogits[N,V],
+/// dwte[V,C] is written (overwrites), and `d_res` becomes dL/d(last residual)[N,C].
+fn head_backward(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    grads: &mut [f32],
+    d: Dims,
+) {
+    let (n, c, nc, v) = (d.n, d.c, d.n * d.c, layout.config.vocab);
+    crossentropy_softmax_backward(&mut acts.probs[..n * v], &acts.targets[..n], n, v, 1.0 / n as f32);
+    let dlogits = &acts.probs[..n * v];
+    let wte = &params[layout.wte.clone()];
+    // dlnf[N,C] = dlogits · wte ; dwte = dlogitsᵀ · lnf
+    let head_bwd = packed.map(|pw| &pw.head.bwd);
+    gemm_prepacked(n, c, v, &mut acts.d_ln[..nc], c, Mat::rows(dlogits, v), Mat::rows(wte, c), head_bwd, false);
+    let (dlogits_t, lnf) = (Mat::transposed(dlogits, v), Mat::rows(&acts.lnf[..nc], c));
+    gemm(v, c, n, &mut grads[layout.wte.clone()], c, dlogits_t, lnf, false);
+
+    let d_res = &mut acts.d_res[..nc];
+    d_res.fill(0.0);
+    let last = residual_after(&acts.blocks, &acts.encoded, nc);
+    let [dw, db] = split_mut(grads, [&layout.lnf_w, &layout.lnf_b]);
+    let (w, mean, rstd) = (&params[layout.lnf_w.clone()], &acts.lnf_mean[..n], &acts.lnf_rstd[..n]);
+    layernorm_backward(d_res, dw, db, &acts.d_ln[..nc], last, w, mean, rstd, n, c);
+}
+
+/// Backward through one block (see [`block_forward`]): `s.d_res` goes from dL/d(res3) to
+/// dL/d(resid); the block's weight gradients are written and its other gradients accumulated
+/// into `g`.
+fn block_backward(
+    w: &BlockWeights,
+    pk: Option<&PackedBlock>,
+    a: &BlockActs,
+    resid: &[f32],
+    g: BlockTensors<&mut [f32]>,
+    s: &mut Scratch,
+    d: Dims,
+) {
+    let (n, c, nc) = (d.n, d.c, d.n * d.c);
+    // MLP half, from d_res = dL/d(res3): d_big[N,4C] (through GELU), d_ln[N,C], d_res += ...
+    let fcproj = pk.map(|k| &k.fcproj.bwd);
+    linear_backward(s.d_big, g.fcproj_w, g.fcproj_b, s.d_res, &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, n, 4 * c, c);
+    gelu_backward_saved(s.d_big, &a.fch[..4 * nc]);
+    linear_backward(s.d_ln, g.fc_w, g.fc_b, s.d_big, &a.ln2[..nc], w.fc_w, pk.map(|k| &k.fc.bwd), n, c, 4 * c);
+    let (res2, mean2, rstd2) = (&a.res2[..nc], &a.ln2_mean[..n], &a.ln2_rstd[..n]);
+    layernorm_backward(s.d_res, g.ln2_w, g.ln2_b, s.d_ln, res2, w.ln2_w, mean2, rstd2, n, c);
+    // Attention half, from d_res = dL/d(res2): d_ln[N,C], d_qkv[N,3C], d_ln[N,C], d_res += ...
+    linear_backward(s.d_ln, g.proj_w, g.proj_b, s.d_res, &a.atty[..nc], w.proj_w, pk.map(|k| &k.proj.bwd), n, c, c);
+    attention_backward(s.d_qkv, s.d_att, s.d_ln, &a.qkv[..3 * nc], &a.att[..d.att()], d.b, d.t, c, d.nh);
+    linear_backward(s.d_ln, g.qkv_w, g.qkv_b, s.d_qkv, &a.ln1[..nc], w.qkv_w, pk.map(|k| &k.qkv.bwd), n, c, 3 * c);
+    let (mean1, rstd1) = (&a.ln1_mean[..n], &a.ln1_rstd[..n]);
+    layernorm_backward(s.d_res, g.ln1_w, g.ln1_b, s.d_ln, resid, w.ln1_w, mean1, rstd1, n, c);
 }

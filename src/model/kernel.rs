@@ -2,6 +2,9 @@
 //! in 32..=1024), with the option to pack a constant B operand (a weight) once and reuse the
 //! packed panels across many products.
 //!
+//! Operands are [`Mat`] views (any row and column strides, so a transpose is a view), checked
+//! against their buffers once per product ([`check_bounds`]) before any unchecked access.
+//!
 //! Design (BLIS-style):
 //! - Microkernel: a 6x16 tile of C held in twelve 256-bit accumulators; every k step loads
 //!   16 packed B values (two vectors) and broadcasts 6 A values, 12 FMAs. Edge rows use the same
@@ -23,8 +26,30 @@
 //! and the portable path (separate multiply and add) round differently from each other, but
 //! the path is fixed per machine.
 
-use crate::model::gemm::Mat;
 use std::cell::RefCell;
+
+/// A strided read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `[rows, cols]` view.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major `[rows, cols]` buffer, as a `[cols, rows]` view.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat { data, rs: 1, cs: cols }
+    }
+    /// A strided view.
+    pub fn strided(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+}
 
 /// Rows of the C tile computed by one microkernel call.
 pub const MR: usize = 6;
@@ -35,7 +60,9 @@ pub const KC: usize = 256;
 /// Largest M block: an MC x KC block of A (144 KiB) stays in L2.
 pub const MC: usize = 144;
 
-fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+/// Panics unless every element of a `rows x cols` view with strides `rs`, `cs` lies inside a
+/// buffer of `len` values (`what` names the operand in the message). Empty views always fit.
+pub fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
     if rows == 0 || cols == 0 {
         return;
     }
@@ -56,6 +83,16 @@ fn simd_available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The kernel and the code path it takes on this CPU, as benchmark reports name it:
+/// `"cllm (avx2+fma)"` or `"cllm (portable)"` (the run-time detection the products use).
+pub fn name() -> &'static str {
+    if simd_available() {
+        "cllm (avx2+fma)"
+    } else {
+        "cllm (portable)"
     }
 }
 
@@ -767,7 +804,7 @@ pub fn sgemm_colsum(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a:
 
 /// `sums[j] += Σ_p B[p, j]` for the `k x n` view `b`, row by row in order: the column sums
 /// [`sgemm_colsum`] takes while packing, where there is no packing to ride on.
-pub fn add_column_sums(k: usize, n: usize, b: Mat, sums: &mut [f32]) {
+fn add_column_sums(k: usize, n: usize, b: Mat, sums: &mut [f32]) {
     if n == 0 {
         return;
     }
@@ -1070,6 +1107,12 @@ mod tests {
             let (m, n, k) = (1 + rng.below(40), 1 + rng.below(70), 1 + rng.below(300));
             exercise(&mut rng, m, n, k);
         }
+    }
+
+    #[test]
+    fn the_kernels_name_says_which_path_the_products_take() {
+        let want = if simd_available() { "cllm (avx2+fma)" } else { "cllm (portable)" };
+        assert_eq!(name(), want);
     }
 
     #[test]

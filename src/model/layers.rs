@@ -2,9 +2,8 @@
 //! function; N = B·T rows. Backward functions ACCUMULATE into gradients unless the comment
 //! says "overwrites".
 
-use super::gemm::{backend, Backend};
-use super::gemm::{gemm, gemm_bias_prepacked, gemm_colsum, gemm_prepacked, Mat};
-use super::kernel::{gemm_packed_block, PackedB};
+use super::gemm::{gemm_bias_prepacked, gemm_colsum, gemm_prepacked};
+use super::kernel::{gemm_packed_block, Mat, PackedB};
 use crate::simd::{multiversion, simd_dispatch, Portable, Simd};
 use std::cell::RefCell;
 
@@ -189,10 +188,9 @@ pub fn linear_forward(
     gemm_bias_prepacked(n, oc, ic, out, oc, Mat::rows(inp, ic), Mat::rows(w, oc), packed, bias);
 }
 
-/// dinp[N,IC] (overwrites, or accumulates when `accumulate_dinp`) = dout · wᵀ;
-/// dw[IC,OC] = inpᵀ · dout (overwrites: each weight is used once per pass, and writing
-/// instead of accumulating spares zeroing the whole gradient buffer); dbias[OC] += Σ_rows dout.
-/// `packed_t`, if given, is `wᵀ` already packed.
+/// dinp[N,IC] (overwrites) = dout · wᵀ; dw[IC,OC] = inpᵀ · dout (overwrites: each weight is
+/// used once per pass, and writing instead of accumulating spares zeroing the whole gradient
+/// buffer); dbias[OC] += Σ_rows dout. `packed_t`, if given, is `wᵀ` already packed.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dinp: &mut [f32],
@@ -205,9 +203,8 @@ pub fn linear_backward(
     n: usize,
     ic: usize,
     oc: usize,
-    accumulate_dinp: bool,
 ) {
-    gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, accumulate_dinp);
+    gemm_prepacked(n, ic, oc, dinp, ic, Mat::rows(dout, oc), Mat::transposed(w, oc), packed_t, false);
     // dbias[OC] += Σ_rows dout, summed row by row while dout is packed for the dW product.
     gemm_colsum(ic, oc, n, dw, oc, Mat::transposed(inp, ic), Mat::rows(dout, oc), dbias);
 }
@@ -238,33 +235,10 @@ thread_local! {
     static HEAD_PACKS: RefCell<[PackedB; 4]> = RefCell::new(std::array::from_fn(|_| PackedB::zeros(0, 0)));
 }
 
-/// Runs `f` with this thread's head packings when the native kernel is in use (each B
-/// operand of a head is then packed once and its blocks reused by every causal row block),
-/// or with `None` for the crate backends, which pack per call.
-fn with_head_packs<R>(f: impl FnOnce(Option<&mut [PackedB; 4]>) -> R) -> R {
-    if backend() != Backend::Native {
-        return f(None);
-    }
-    HEAD_PACKS.with(|p| f(Some(&mut p.borrow_mut())))
-}
-
-/// `c[m, cols] = a · B[rows, ..cols]`, where `block` views that block of B and `packed`, if
-/// given, holds all of B packed. Same bits either way.
-#[allow(clippy::too_many_arguments)]
-fn gemm_block(
-    m: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    a: Mat,
-    block: Mat,
-    packed: Option<&PackedB>,
-    rows: std::ops::Range<usize>,
-    cols: usize,
-) {
-    match packed {
-        Some(pb) => gemm_packed_block(m, c, c_rs, a, pb, rows, cols, false),
-        None => gemm(m, cols, rows.len(), c, c_rs, a, block, false),
-    }
+/// Runs `f` with this thread's head packings: each B operand of a head is packed once and its
+/// blocks reused by every causal row block ([`gemm_packed_block`]).
+fn with_head_packs<R>(f: impl FnOnce(&mut [PackedB; 4]) -> R) -> R {
+    HEAD_PACKS.with(|p| f(&mut p.borrow_mut()))
 }
 
 /// out[B,T,C] = softmax(Q·Kᵀ/√hd, causal)·V per head; att[B,NH,T,T] saves the probabilities
@@ -274,32 +248,24 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let c3 = 3 * c;
-    with_head_packs(|mut packs| {
+    with_head_packs(|[kt_p, v_p, ..]| {
         for bi in 0..b {
             for h in 0..nh {
                 let base = bi * t * c3 + h * hd;
                 let q = Mat::strided(&qkv[base..], c3, 1);
-                let kt = Mat::strided(&qkv[base + c..], 1, c3);
-                let v = Mat::strided(&qkv[base + 2 * c..], c3, 1);
-                let (kt_p, v_p) = match packs.as_deref_mut() {
-                    Some([kt_p, v_p, ..]) => {
-                        kt_p.repack_as(hd, t, kt);
-                        v_p.repack_as(t, hd, v);
-                        (Some(&*kt_p), Some(&*v_p))
-                    }
-                    None => (None, None),
-                };
+                kt_p.repack_as(hd, t, Mat::strided(&qkv[base + c..], 1, c3));
+                v_p.repack_as(t, hd, Mat::strided(&qkv[base + 2 * c..], c3, 1));
                 let p = &mut att[(bi * nh + h) * t * t..][..t * t];
                 // Scores only on and below the diagonal, a block of rows at a time: rows
                 // [r0, r0+rb) need columns [0, r0+rb). The softmax below zeroes the rest.
                 for (r0, rb) in row_blocks(t) {
                     let q_rows = Mat::strided(&q.data[r0 * c3..], c3, 1);
-                    gemm_block(rb, &mut p[r0 * t..], t, q_rows, kt, kt_p, 0..hd, r0 + rb);
+                    gemm_packed_block(rb, &mut p[r0 * t..], t, q_rows, kt_p, 0..hd, r0 + rb, false);
                 }
                 causal_softmax_rows(p, t, scale);
                 for (r0, rb) in row_blocks(t) {
                     let o = &mut out[(bi * t + r0) * c + h * hd..];
-                    gemm_block(rb, o, c, Mat::rows(&p[r0 * t..], t), v, v_p, 0..r0 + rb, hd);
+                    gemm_packed_block(rb, o, c, Mat::rows(&p[r0 * t..], t), v_p, 0..r0 + rb, hd, false);
                 }
             }
         }
@@ -322,47 +288,36 @@ pub fn attention_backward(
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let c3 = 3 * c;
-    with_head_packs(|mut packs| {
+    with_head_packs(|[vt_p, dout_p, k_p, q_p]| {
         for bi in 0..b {
             for h in 0..nh {
                 let base = bi * t * c3 + h * hd;
                 let p = &att[(bi * nh + h) * t * t..][..t * t];
-                let dout_h = Mat::strided(&dout[bi * t * c + h * hd..], c, 1);
-                let vt = Mat::strided(&qkv[base + 2 * c..], 1, c3);
-                let k = Mat::strided(&qkv[base + c..], c3, 1);
-                let q = Mat::strided(&qkv[base..], c3, 1);
-                let (vt_p, dout_p, k_p, q_p) = match packs.as_deref_mut() {
-                    Some([vt_p, dout_p, k_p, q_p]) => {
-                        vt_p.repack_as(hd, t, vt);
-                        dout_p.repack_as(t, hd, dout_h);
-                        k_p.repack_as(t, hd, k);
-                        q_p.repack_as(t, hd, q);
-                        (Some(&*vt_p), Some(&*dout_p), Some(&*k_p), Some(&*q_p))
-                    }
-                    None => (None, None, None, None),
-                };
+                let dout_h = &dout[bi * t * c + h * hd..];
+                vt_p.repack_as(hd, t, Mat::strided(&qkv[base + 2 * c..], 1, c3));
+                dout_p.repack_as(t, hd, Mat::strided(dout_h, c, 1));
+                k_p.repack_as(t, hd, Mat::strided(&qkv[base + c..], c3, 1));
+                q_p.repack_as(t, hd, Mat::strided(&qkv[base..], c3, 1));
                 let ds = &mut datt[..t * t];
                 // dP = dOut · Vᵀ, only where P is non-zero (j ≤ i)
                 for (r0, rb) in row_blocks(t) {
-                    let dout_rows = Mat::strided(&dout_h.data[r0 * c..], c, 1);
-                    gemm_block(rb, &mut ds[r0 * t..], t, dout_rows, vt, vt_p, 0..hd, r0 + rb);
+                    let dout_rows = Mat::strided(&dout_h[r0 * c..], c, 1);
+                    gemm_packed_block(rb, &mut ds[r0 * t..], t, dout_rows, vt_p, 0..hd, r0 + rb, false);
                 }
                 // dV = Pᵀ · dOut: rows [j0, j0+jb) of dV gather rows i ≥ j0 of dOut
                 for (j0, jb) in row_blocks(t) {
                     let pt = Mat::strided(&p[j0 * t + j0..], 1, t);
-                    let dout_rows = Mat::strided(&dout_h.data[j0 * c..], c, 1);
                     let dv = &mut dqkv[base + 2 * c + j0 * c3..];
-                    gemm_block(jb, dv, c3, pt, dout_rows, dout_p, j0..t, hd);
+                    gemm_packed_block(jb, dv, c3, pt, dout_p, j0..t, hd, false);
                 }
                 // softmax backward, folding in the score scale: dS = P ⊙ (dP - rowsum(P ⊙ dP)) / √hd
                 causal_softmax_backward_rows(p, ds, t, scale);
                 // dQ = dS · K ; dK = dSᵀ · Q
                 for (r0, rb) in row_blocks(t) {
                     let ds_rows = Mat::rows(&ds[r0 * t..], t);
-                    gemm_block(rb, &mut dqkv[base + r0 * c3..], c3, ds_rows, k, k_p, 0..r0 + rb, hd);
+                    gemm_packed_block(rb, &mut dqkv[base + r0 * c3..], c3, ds_rows, k_p, 0..r0 + rb, hd, false);
                     let dst = Mat::strided(&ds[r0 * t + r0..], 1, t);
-                    let q_rows = Mat::strided(&q.data[r0 * c3..], c3, 1);
-                    gemm_block(rb, &mut dqkv[base + c + r0 * c3..], c3, dst, q_rows, q_p, r0..t, hd);
+                    gemm_packed_block(rb, &mut dqkv[base + c + r0 * c3..], c3, dst, q_p, r0..t, hd, false);
                 }
             }
         }

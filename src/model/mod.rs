@@ -1,4 +1,12 @@
 //! The math of a GPT-2-style byte-level transformer: no threads here.
+//!
+//! From the top down: [`gpt`] runs the whole model (forward, backward) as one call per layer
+//! of [`layers`], over the flat parameters laid out by [`params`] and the buffers of
+//! [`activations`]; the layers' matrix products go through [`gemm`] to cllm's own kernel
+//! ([`kernel`], the only GEMM implementation), optionally with weights packed ahead of time
+//! ([`packed`]). [`init`] and [`weights`] create, save and load the parameters. Nothing here
+//! depends on anything above it in the crate: only the model's shape ([`crate::config`]), the
+//! SIMD helpers (`crate::simd`) and the error type.
 
 pub mod activations;
 pub mod gemm;
@@ -13,5 +21,5 @@ pub mod weights;
 pub use activations::Activations;
 pub use gpt::{backward, forward};
 pub use packed::PackedWeights;
-pub use params::{BlockOffsets, ParamLayout, TensorSpec};
+pub use params::{BlockParams, BlockTensors, ParamLayout, TensorSpec};
 pub use weights::{load_safetensors, save_safetensors, Model};

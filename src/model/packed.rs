@@ -1,4 +1,4 @@
-//! Every GEMM weight of the model, packed once for the native kernel in both orientations the
+//! Every GEMM weight of the model, packed once for the kernel in both orientations the
 //! passes read it: `W` for the forward product and `Wᵀ` for the backward `dX = dY·Wᵀ`.
 //!
 //! Without this each micro-batch packs every weight twice (once per pass), and the packing of
@@ -7,10 +7,10 @@
 //! for all its micro-batches. The packed panels hold the same values in the same order as the
 //! per-call packing, so results are bit-identical with or without them.
 
-use super::gemm::Mat;
-use super::kernel::{PackedB, NR};
+use super::kernel::{Mat, PackedB, NR};
 use super::params::ParamLayout;
 use std::cell::UnsafeCell;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One weight packed as the B operand of both passes.
@@ -74,14 +74,13 @@ impl PackedWeights {
         assert_eq!(params.len(), layout.num_params(), "parameter buffer has the wrong length");
         assert_eq!(self.blocks.len(), layout.blocks.len(), "packed weights were sized for another config");
         let c = layout.config.embed;
-        let v = layout.config.vocab;
         for (pb, o) in self.blocks.iter_mut().zip(&layout.blocks) {
-            pb.qkv.repack(&params[o.qkv_w..o.qkv_w + c * 3 * c]);
-            pb.proj.repack(&params[o.proj_w..o.proj_w + c * c]);
-            pb.fc.repack(&params[o.fc_w..o.fc_w + c * 4 * c]);
-            pb.fcproj.repack(&params[o.fcproj_w..o.fcproj_w + 4 * c * c]);
+            pb.qkv.repack(&params[o.qkv_w.clone()]);
+            pb.proj.repack(&params[o.proj_w.clone()]);
+            pb.fc.repack(&params[o.fc_w.clone()]);
+            pb.fcproj.repack(&params[o.fcproj_w.clone()]);
         }
-        let wte = &params[layout.wte..layout.wte + v * c];
+        let wte = &params[layout.wte.clone()];
         self.head.fwd.repack(Mat::transposed(wte, c));
         self.head.bwd.repack(Mat::rows(wte, c));
     }
@@ -145,22 +144,24 @@ impl SharedPacking {
             let (base, len) = b.raw_parts();
             Dest { base, len, k: b.k(), transposed }
         };
-        let mut pair = |offset: usize, rows: usize, cols: usize, p: &mut PackedPair| {
+        let mut pair = |w: &Range<usize>, rows: usize, cols: usize, p: &mut PackedPair| {
             // fwd is B = W (k = rows), bwd is B = Wᵀ (k = cols).
             assert!(p.fwd.k() == rows && p.fwd.n() == cols && p.bwd.k() == cols && p.bwd.n() == rows);
-            targets.push(Target { offset, rows, cols, dests: [dest(&mut p.fwd, false), dest(&mut p.bwd, true)] });
+            assert_eq!(w.len(), rows * cols, "weight range and packing disagree");
+            let dests = [dest(&mut p.fwd, false), dest(&mut p.bwd, true)];
+            targets.push(Target { offset: w.start, rows, cols, dests });
         };
         for (pb, o) in packed.blocks.iter_mut().zip(&layout.blocks) {
-            pair(o.qkv_w, c, 3 * c, &mut pb.qkv);
-            pair(o.proj_w, c, c, &mut pb.proj);
-            pair(o.fc_w, c, 4 * c, &mut pb.fc);
-            pair(o.fcproj_w, 4 * c, c, &mut pb.fcproj);
+            pair(&o.qkv_w, c, 3 * c, &mut pb.qkv);
+            pair(&o.proj_w, c, c, &mut pb.proj);
+            pair(&o.fc_w, c, 4 * c, &mut pb.fc);
+            pair(&o.fcproj_w, 4 * c, c, &mut pb.fcproj);
         }
         // wte is [V, C]: the head's fwd is B = wteᵀ (k = C), its bwd B = wte (k = V).
         let head = &mut packed.head;
         assert!(head.fwd.k() == c && head.fwd.n() == v && head.bwd.k() == v && head.bwd.n() == c);
         targets.push(Target {
-            offset: layout.wte,
+            offset: layout.wte.start,
             rows: v,
             cols: c,
             dests: [dest(&mut head.fwd, true), dest(&mut head.bwd, false)],

@@ -144,36 +144,31 @@ impl Workload for GptWorkload {
     ) -> f32 {
         let (inputs, targets) = batch.micro(mb, spheres);
         let rows = batch.rows_per_micro(spheres);
-        // Packed panels only serve the native kernel; the crate backends pack per call.
-        let packed = if model::gemm::backend() == model::gemm::Backend::Native {
-            // SAFETY: `compute` never runs while the update phase writes the shared packing
-            // (the contract of `weights_written`'s callers).
-            match unsafe { self.shared_packing.packed_for(weights_version) } {
-                Some(shared) => Some(shared),
-                None => {
-                    let own = scratch.packed.get_or_insert_with(|| PackedWeights::new(&self.layout));
-                    if scratch.packed_version != Some(weights_version) {
-                        own.pack(&self.layout, weights);
-                        scratch.packed_version = Some(weights_version);
-                    }
-                    Some(&*own)
+        // SAFETY: `compute` never runs while the update phase writes the shared packing (the
+        // contract of `weights_written`'s callers).
+        let packed = match unsafe { self.shared_packing.packed_for(weights_version) } {
+            Some(shared) => shared,
+            None => {
+                let own = scratch.packed.get_or_insert_with(|| PackedWeights::new(&self.layout));
+                if scratch.packed_version != Some(weights_version) {
+                    own.pack(&self.layout, weights);
+                    scratch.packed_version = Some(weights_version);
                 }
+                &*own
             }
-        } else {
-            None
         };
         let acts = &mut scratch.acts;
         let loss = model::gpt::forward_with_layout(
             &self.layout,
             weights,
-            packed,
+            Some(packed),
             acts,
             inputs,
             Some(targets),
             rows,
             batch.seq,
         );
-        model::gpt::backward_with_layout(&self.layout, weights, packed, acts, grad);
+        model::gpt::backward_with_layout(&self.layout, weights, Some(packed), acts, grad);
         loss
     }
 
