@@ -447,43 +447,43 @@ impl<B: Backend> ChunkedBuf<B> {
     /// Reads `range`, holding the tracking access of every chunk it overlaps.
     ///
     /// # Safety
-    /// No chunk that `range` overlaps may be written concurrently; `range` lies in the buffer.
+    /// No chunk that `range` overlaps may be written concurrently.
     pub unsafe fn read_range<R>(&self, range: Range<usize>, f: impl FnOnce(&[f32]) -> R) -> R {
-        assert!(range.start <= range.end && range.end <= self.data.len(), "range outside the buffer");
-        // SAFETY: the range lies inside the buffer (checked above), whose `len` floats are
-        // initialised; the caller guarantees that no writer of these chunks is active.
-        let view = || unsafe { std::slice::from_raw_parts(self.base().add(range.start) as *const f32, range.len()) };
-        if !B::IS_CHECKER {
-            // A non-checker's cells track nothing (see `Backend::IS_CHECKER`), so holding them
-            // would only nest one stack frame per chunk (thousands for a large model).
-            return f(view());
-        }
-        let (mut f, mut out) = (Some(f), None);
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            self.nest(self.chunks_of(&range), false, &mut || out = Some((f.take().expect("called once"))(view())))
-        };
-        out.expect("closure ran")
+        // SAFETY: forwarded from this function's contract; `with_range` passes a pointer to
+        // `len` initialised floats of the buffer that no one writes meanwhile.
+        unsafe { self.with_range(range, false, |p, len| f(std::slice::from_raw_parts(p as *const f32, len))) }
     }
 
     /// Writes `range`, holding the tracking access of every chunk it overlaps.
     ///
     /// # Safety
-    /// No other access to a chunk that `range` overlaps may run concurrently; `range` lies in
-    /// the buffer.
+    /// No other access to a chunk that `range` overlaps may run concurrently.
     pub unsafe fn write_range<R>(&self, range: Range<usize>, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        // SAFETY: forwarded from this function's contract; `with_range` passes a pointer to
+        // `len` initialised floats of the buffer that nothing else accesses meanwhile.
+        unsafe { self.with_range(range, true, |p, len| f(std::slice::from_raw_parts_mut(p, len))) }
+    }
+
+    /// Runs `f` on the start and length of `range` (panics unless it lies in the buffer) while
+    /// holding the tracking access (`write` or read) of every chunk it overlaps.
+    ///
+    /// # Safety
+    /// As for `write_range` (`write`) or `read_range`.
+    unsafe fn with_range<R>(&self, range: Range<usize>, write: bool, f: impl FnOnce(*mut f32, usize) -> R) -> R {
         assert!(range.start <= range.end && range.end <= self.data.len(), "range outside the buffer");
-        // SAFETY: the range lies inside the buffer (checked above); the caller guarantees that
-        // no other access to these chunks is active, so this is the only reference to them.
-        let view = || unsafe { std::slice::from_raw_parts_mut(self.base().add(range.start), range.len()) };
+        // SAFETY: the range lies inside the buffer (checked above).
+        let start = unsafe { self.base().add(range.start) };
         if !B::IS_CHECKER {
-            // As in `read_range`: the cells would check nothing.
-            return f(view());
+            // A non-checker's cells track nothing (see `Backend::IS_CHECKER`), so holding them
+            // would only nest one stack frame per chunk (thousands for a large model).
+            return f(start, range.len());
         }
         let (mut f, mut out) = (Some(f), None);
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            self.nest(self.chunks_of(&range), true, &mut || out = Some((f.take().expect("called once"))(view())))
+            self.nest(self.chunks_of(&range), write, &mut || {
+                out = Some((f.take().expect("called once"))(start, range.len()))
+            })
         };
         out.expect("closure ran")
     }

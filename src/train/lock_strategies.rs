@@ -67,14 +67,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             accumulate(&self.sum, &mut count, &local.grad, res.factor);
             return res;
         }
-        let wait = Clock::<B>::start();
-        self.grad_lock.with(|count| {
-            tm.lock_wait += wait.elapsed();
-            tm.lock_acquisitions += 1;
-            let held = Clock::<B>::start();
-            accumulate(&self.sum, count, &local.grad, res.factor);
-            tm.reduce += held.elapsed();
-        });
+        self.accumulate_locked(&local.grad, res.factor, tm);
         res
     }
 
@@ -104,17 +97,22 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             let res = self.compute_one(m, ctl, &mut ms.scratch, &mut ms.grad);
             if res.valid() {
                 // Lock order: model, then gradient (held together, as in the original design).
-                let wait = Clock::<B>::start();
-                self.grad_lock.with(|count| {
-                    tm.lock_wait += wait.elapsed();
-                    tm.lock_acquisitions += 1;
-                    let held = Clock::<B>::start();
-                    accumulate(&self.sum, count, &ms.grad, res.factor);
-                    tm.reduce += held.elapsed();
-                });
+                self.accumulate_locked(&ms.grad, res.factor, tm);
             }
             res
         })
+    }
+
+    /// Takes the gradient mutex and adds `grad` (scaled by `factor`) into the accumulator.
+    fn accumulate_locked(&self, grad: &[f32], factor: f32, tm: &mut WorkerTiming) {
+        let wait = Clock::<B>::start();
+        self.grad_lock.with(|count| {
+            tm.lock_wait += wait.elapsed();
+            tm.lock_acquisitions += 1;
+            let held = Clock::<B>::start();
+            accumulate(&self.sum, count, grad, factor);
+            tm.reduce += held.elapsed();
+        });
     }
 }
 

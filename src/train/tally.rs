@@ -1,6 +1,6 @@
 //! The step semantics every engine shares once the gradients are known: the update's scaling,
-//! the per-sphere clip factor, the step report ([`StepTally`]) and the counters that outlive a
-//! step ([`StepCounters`]: steps, Adam's t, consecutive skipped updates and their limit).
+//! the per-sphere clip factor, the step report (`StepTally`) and the counters that outlive a
+//! step (`StepCounters`: steps, Adam's t, consecutive skipped updates and their limit).
 //!
 //! The sphere engine and the rayon engine differ in how they compute and sum the gradients;
 //! from the per-micro-batch outcomes on, they fill the report alike, through these types. The

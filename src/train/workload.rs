@@ -1,6 +1,6 @@
 //! The math of one micro-batch, separated from the protocol that schedules it.
 //!
-//! The protocol ([`super::spheres`]) only asks a [`Workload`] for the gradient of one
+//! The protocol ([`super::protocol`]) only asks a [`Workload`] for the gradient of one
 //! micro-batch against read-only weights. [`GptWorkload`] is the real model; [`ScaleWorkload`]
 //! is a tiny deterministic fake whose gradients are exact in f32, used by the loom and shuttle
 //! checks and the protocol tests so that the checked code is the real protocol.
