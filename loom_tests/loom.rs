@@ -1,8 +1,16 @@
 //! loom model checks of the real step protocol (`cllm::train::Engine` on the `Loom` backend).
 //!
-//! The workload is `ScaleWorkload` (4 parameters in 2 chunks, exact fake gradients); the
-//! engine, barrier, strategies, worker loop and shutdown are the production code. The main loom
-//! thread is the coordinator, which is also worker 0, so "N workers" means N loom threads.
+//! The workload is `ScaleWorkload` (4 parameters in 2 chunks, exact fake gradients, and a
+//! derived copy of the weights in tracked cells, written by the update phase like the GPT
+//! model's shared packing); the engine, barrier, strategies, worker loop and shutdown are the
+//! production code. The main loom thread is the coordinator, which is also worker 0, so "N
+//! workers" means N loom threads.
+//!
+//! Tests are named after the invariant they check, as `invariant::configuration`. Every
+//! execution of the protocol ([`run_steps`]) checks all the invariants at once; a module holds
+//! the configurations chosen to stress its invariant. The broken variants
+//! (`broken_variants_are_caught`) must each fail with the one kind of failure their bug causes
+//! ([`Failure`]), matched on loom's panic message.
 //!
 //! Exhaustive vs bounded: the standalone 2-party barrier check is exhaustive. The rest use a
 //! preemption bound (every interleaving with at most that many preemptions; blocking switches
@@ -15,6 +23,7 @@
 
 use cllm::sync::Loom;
 use cllm::train::{Engine, Fault, Reference, ScaleWorkload, StepBatch, Strategy, TrainerOptions};
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
@@ -22,15 +31,48 @@ const PARAMS: usize = 4;
 /// Two chunks of two floats: enough to have several reducers and optimizer writers.
 const CHUNK: usize = 2;
 
-fn options(threads: usize, spheres: usize, strategy: Strategy) -> TrainerOptions {
-    TrainerOptions {
-        threads,
-        spheres,
-        strategy,
-        clip_norm: 10.0,
-        chunk_size: CHUNK,
-        max_skipped_steps: 0,
-        ..TrainerOptions::default()
+/// One model-checked configuration of the protocol.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    strategy: Strategy,
+    workers: usize,
+    /// Micro-batches per step (one row each).
+    spheres: usize,
+    steps: u64,
+    /// (step, micro-batch) pairs whose gradient gets a NaN.
+    inject_nan: &'static [(u64, usize)],
+    preemption_bound: Option<usize>,
+}
+
+impl Case {
+    fn new(strategy: Strategy, workers: usize, spheres: usize, steps: u64, bound: usize) -> Self {
+        Case { strategy, workers, spheres, steps, inject_nan: &[], preemption_bound: Some(bound) }
+    }
+
+    fn with_nan(self, inject_nan: &'static [(u64, usize)]) -> Self {
+        Case { inject_nan, ..self }
+    }
+
+    fn options(&self) -> TrainerOptions {
+        TrainerOptions {
+            threads: self.workers,
+            spheres: self.spheres,
+            strategy: self.strategy,
+            clip_norm: 10.0,
+            chunk_size: CHUNK,
+            max_skipped_steps: 0,
+            inject_nan: self.inject_nan.to_vec(),
+            ..TrainerOptions::default()
+        }
+    }
+
+    fn engine(&self, opts: &TrainerOptions, fault: Option<Fault>) -> Engine<Loom, ScaleWorkload<Loom>> {
+        let w = ScaleWorkload::tracked(PARAMS, self.spheres, CHUNK);
+        match fault {
+            None => Engine::new(w, initial_params(), self.spheres, 1, opts),
+            Some(f) => Engine::with_fault(w, initial_params(), self.spheres, 1, opts, f),
+        }
+        .unwrap()
     }
 }
 
@@ -49,23 +91,32 @@ fn close(a: &[f32], b: &[f32]) -> bool {
     a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
 }
 
-/// Runs `steps` steps on the loom backend and checks every step against the serial reference:
-/// bitwise for segmented (and for any strategy while every sum is exact), within rounding for
-/// the arrival-order strategies; each micro-batch computed exactly once per step.
-fn protocol(opts: &TrainerOptions, rows: usize, steps: u64) {
-    let s = opts.spheres;
-    let mut eng = Engine::<Loom, _>::new(ScaleWorkload::new(PARAMS, s), initial_params(), rows, 1, opts).unwrap();
-    let mut reference = Reference::new(ScaleWorkload::new(PARAMS, s), initial_params(), rows, 1, opts);
-    for step in 1..=steps {
-        let b = batch(step, rows);
+/// Runs `case.steps` steps on the loom backend and checks, after each, every invariant:
+/// - each micro-batch is computed exactly once per step (the workload's call counters);
+/// - the weights equal the serial oracle's: bitwise for segmented (and for any strategy while
+///   every sum is exact, in step 1), within rounding for the arrival-order lock strategies; the
+///   skip decisions and Adam's t agree;
+/// - no access overlaps a conflicting one: AdamW against a read of the weights, a reduction
+///   against a slot being written, the update phase's write of the derived copy against a
+///   compute reading it; the tracked cells make any of them a causality violation, including
+///   the coordinator's final tracked read of the weights after the closing barrier;
+/// - no lost wake-up: every barrier crossing completes, and shutdown joins every worker (a
+///   deadlock fails the check).
+fn run_steps(case: &Case) {
+    let opts = case.options();
+    let mut eng = case.engine(&opts, None);
+    let mut reference =
+        Reference::new(ScaleWorkload::new(PARAMS, case.spheres), initial_params(), case.spheres, 1, &opts);
+    for step in 1..=case.steps {
+        let b = batch(step, case.spheres);
         let rep = eng.step(&b.inputs, &b.targets, 0.1).unwrap();
         let want = reference.step(&b, 0.1);
         assert_eq!(rep.skipped_spheres, want.skipped_spheres);
         assert_eq!(rep.update_skipped, want.update_skipped);
-        for m in 0..s {
+        for m in 0..case.spheres {
             assert_eq!(eng.workload().calls(m), step as usize, "micro-batch {m} computed once per step");
         }
-        if opts.strategy == Strategy::Segmented || step == 1 {
+        if case.strategy == Strategy::Segmented || step == 1 {
             assert_eq!(eng.params(), &reference.params[..], "step {step}: weights differ from the serial reference");
         } else {
             assert!(
@@ -77,7 +128,6 @@ fn protocol(opts: &TrainerOptions, rows: usize, steps: u64) {
         }
         assert_eq!(eng.adam_state().2, reference.t);
     }
-    // The tracked read proves the closing gate orders the last AdamW writes before this read.
     eng.with_params(|p| assert!(p.iter().all(|x| x.is_finite())));
     eng.shutdown().unwrap();
 }
@@ -92,216 +142,239 @@ fn check(name: &str, bound: Option<usize>, f: impl Fn() + Sync + Send + 'static)
     eprintln!("loom {name}: preemption bound {bound:?}, {:.1?}", t.elapsed());
 }
 
-/// Passes only if loom finds a failure (deadlock, data race or assertion) in `f`.
-fn expect_bug(name: &str, bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
-    let t = Instant::now();
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = bound;
-        b.check(f);
-    }));
-    eprintln!("loom {name} (broken variant): preemption bound {bound:?}, {:.1?}", t.elapsed());
-    assert!(r.is_err(), "loom did not find the bug in the broken variant {name}");
+/// Model-checks [`run_steps`] over `case`.
+fn explore(case: Case) {
+    check(&format!("{case:?}"), case.preemption_bound, move || run_steps(&case));
 }
 
-// 1. Barrier and step protocol --------------------------------------------------------------
+mod no_lost_wake_up {
+    //! The barrier on its own: `parties` threads (the main one included) cross it `rounds`
+    //! times; nobody leaves a round before everybody has arrived in it, exactly one leader per
+    //! round, and nobody sleeps through the last arrival (loom reports that as a deadlock).
+    use super::*;
 
-#[test]
-fn segmented_two_workers_two_steps_then_shutdown() {
-    check("segmented 2 workers 2 steps", Some(5), || protocol(&options(2, 3, Strategy::Segmented), 3, 2));
-}
-
-#[test]
-fn segmented_three_workers_two_steps_then_shutdown() {
-    check("segmented 3 workers 2 steps", Some(1), || protocol(&options(3, 3, Strategy::Segmented), 3, 2));
-}
-
-#[test]
-fn segmented_three_workers_one_step_then_shutdown() {
-    check("segmented 3 workers 1 step", Some(2), || protocol(&options(3, 3, Strategy::Segmented), 3, 1));
-}
-
-/// The barrier on its own: `parties` threads (the main one included) cross it `rounds` times;
-/// nobody leaves a round before everybody has arrived in it.
-fn barrier_rounds(parties: usize, rounds: usize) {
-    use cllm::train::barrier::Barrier;
-    use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let b = loom::sync::Arc::new(Barrier::<Loom>::new(parties));
-    let hits = loom::sync::Arc::new(AtomicUsize::new(0));
-    let body = move |b: &Barrier<Loom>, hits: &AtomicUsize| {
-        let mut leaders = 0;
-        for round in 0..rounds {
-            hits.fetch_add(1, SeqCst);
-            leaders += b.wait().unwrap() as usize;
-            assert!(hits.load(SeqCst) >= parties * (round + 1), "left round {round} early");
+    fn barrier_rounds(parties: usize, rounds: usize) {
+        use cllm::train::barrier::Barrier;
+        use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let b = loom::sync::Arc::new(Barrier::<Loom>::new(parties));
+        let hits = loom::sync::Arc::new(AtomicUsize::new(0));
+        let body = move |b: &Barrier<Loom>, hits: &AtomicUsize| {
+            let mut leaders = 0;
+            for round in 0..rounds {
+                hits.fetch_add(1, SeqCst);
+                leaders += b.wait().unwrap() as usize;
+                assert!(hits.load(SeqCst) >= parties * (round + 1), "left round {round} early");
+            }
+            leaders
+        };
+        let hs: Vec<_> = (1..parties)
+            .map(|_| {
+                let (b, hits) = (b.clone(), hits.clone());
+                loom::thread::spawn(move || body(&b, &hits))
+            })
+            .collect();
+        let mut leaders = body(&b, &hits);
+        for h in hs {
+            leaders += h.join().unwrap();
         }
-        leaders
-    };
-    let hs: Vec<_> = (1..parties)
-        .map(|_| {
-            let (b, hits) = (b.clone(), hits.clone());
-            loom::thread::spawn(move || body(&b, &hits))
-        })
-        .collect();
-    let mut leaders = body(&b, &hits);
-    for h in hs {
-        leaders += h.join().unwrap();
+        assert_eq!(leaders, rounds, "exactly one leader per round");
     }
-    assert_eq!(leaders, rounds, "exactly one leader per round");
+
+    #[test]
+    fn barrier_2_parties_3_rounds_exhaustive() {
+        check("barrier 2 parties x3", None, || barrier_rounds(2, 3));
+    }
+
+    #[test]
+    fn barrier_3_parties_2_rounds() {
+        check("barrier 3 parties x2", Some(3), || barrier_rounds(3, 2));
+    }
 }
 
-#[test]
-fn barrier_two_parties_three_rounds_exhaustive() {
-    check("barrier 2 parties x3", None, || barrier_rounds(2, 3));
+mod final_weights_equal_the_serial_oracle {
+    //! segmented at 2 and 3 workers: bit for bit the serial oracle's weights.
+    use super::*;
+
+    #[test]
+    fn segmented_2_workers_2_steps() {
+        explore(Case::new(Strategy::Segmented, 2, 3, 2, 5));
+    }
+
+    #[test]
+    fn segmented_3_workers_1_step() {
+        explore(Case::new(Strategy::Segmented, 3, 3, 1, 2));
+    }
 }
 
-#[test]
-fn barrier_three_parties_two_rounds() {
-    check("barrier 3 parties x2", Some(3), || barrier_rounds(3, 2));
+mod adamw_never_overlaps_a_read {
+    //! 3 workers over 2 steps: a fast worker's compute of step 2 (reading the weights and the
+    //! derived copy) against a slow worker's AdamW of step 1 (writing both), unless "done" and
+    //! "start" order them.
+    use super::*;
+
+    #[test]
+    fn segmented_3_workers_2_steps() {
+        explore(Case::new(Strategy::Segmented, 3, 3, 2, 1));
+    }
 }
 
-// 2. Lock strategies ------------------------------------------------------------------------
+mod each_micro_batch_is_computed_exactly_once {
+    //! The lock strategies, whose micro-batches are tickets drawn from one atomic counter; the
+    //! accumulator under the gradient mutex loses none of them.
+    use super::*;
 
-#[test]
-fn gradient_lock_two_workers_two_steps() {
-    check("gradient-lock 2 workers 2 steps", Some(4), || protocol(&options(2, 3, Strategy::GradientLock), 3, 2));
+    #[test]
+    fn gradient_lock_2_workers_2_steps() {
+        explore(Case::new(Strategy::GradientLock, 2, 3, 2, 4));
+    }
+
+    #[test]
+    fn model_lock_2_workers_2_steps() {
+        explore(Case::new(Strategy::ModelLock, 2, 3, 2, 4));
+    }
+
+    #[test]
+    fn gradient_lock_3_workers_2_steps() {
+        explore(Case::new(Strategy::GradientLock, 3, 3, 2, 1));
+    }
+
+    #[test]
+    fn model_lock_3_workers_2_steps() {
+        explore(Case::new(Strategy::ModelLock, 3, 3, 2, 1));
+    }
 }
 
-#[test]
-fn model_lock_two_workers_two_steps() {
-    check("model-lock 2 workers 2 steps", Some(4), || protocol(&options(2, 3, Strategy::ModelLock), 3, 2));
+mod no_slot_is_reduced_before_it_is_computed {
+    //! 2 workers, 4 micro-batches: each worker computes two, so a reducer that ran early would
+    //! read a slot still being written (a causality violation) or a stale gradient (the
+    //! comparison with the oracle fails).
+    use super::*;
+
+    #[test]
+    fn segmented_2_workers_4_micro_batches() {
+        explore(Case::new(Strategy::Segmented, 2, 4, 1, 4));
+    }
 }
 
-#[test]
-fn gradient_lock_three_workers_two_steps() {
-    check("gradient-lock 3 workers 2 steps", Some(1), || protocol(&options(3, 3, Strategy::GradientLock), 3, 2));
-}
+mod invalid_micro_batches_are_skipped_by_every_worker_alike {
+    //! A NaN gradient is excluded by every worker from the same results (segmented: through
+    //! the fused scan's slow path), so all agree on the valid count and on the update.
+    use super::*;
 
-#[test]
-fn model_lock_three_workers_two_steps() {
-    check("model-lock 3 workers 2 steps", Some(1), || protocol(&options(3, 3, Strategy::ModelLock), 3, 2));
-}
+    #[test]
+    fn segmented_one_invalid_in_step_1() {
+        explore(Case::new(Strategy::Segmented, 2, 3, 2, 4).with_nan(&[(1, 1)]));
+    }
 
-// 3. Segmented reduction waits for every micro-batch ----------------------------------------
+    #[test]
+    fn gradient_lock_one_invalid_in_step_1() {
+        explore(Case::new(Strategy::GradientLock, 2, 3, 2, 4).with_nan(&[(1, 1)]));
+    }
 
-#[test]
-fn segmented_reduces_only_after_every_micro_batch_uneven_split() {
-    // 2 workers, 4 micro-batches: each worker computes two, so a reducer that ran early would
-    // read a slot still being written (loom: causality violation) or a stale gradient (the
-    // comparison with the reference fails).
-    check("segmented uneven split", Some(4), || protocol(&options(2, 4, Strategy::Segmented), 4, 1));
-}
-
-// 4. Invalid micro-batches -------------------------------------------------------------------
-
-#[test]
-fn invalid_micro_batch_is_skipped_under_every_interleaving() {
-    for strategy in [Strategy::Segmented, Strategy::GradientLock] {
-        check("one invalid micro-batch", Some(4), move || {
-            let opts = TrainerOptions { inject_nan: vec![(1, 1)], ..options(2, 3, strategy) };
-            protocol(&opts, 3, 2)
+    #[test]
+    fn all_invalid_steps_skip_the_update_and_stop_at_the_limit() {
+        check("all invalid", Some(4), || {
+            let case = Case::new(Strategy::Segmented, 2, 2, 2, 4).with_nan(&[(1, 0), (1, 1), (2, 0), (2, 1)]);
+            let opts = TrainerOptions { max_skipped_steps: 2, ..case.options() };
+            let mut eng = case.engine(&opts, None);
+            let b = batch(1, 2);
+            let rep = eng.step(&b.inputs, &b.targets, 0.1).unwrap();
+            assert!(rep.update_skipped);
+            assert_eq!(rep.skipped_spheres, vec![0, 1]);
+            assert_eq!(eng.params(), &initial_params()[..]);
+            assert_eq!(eng.adam_state().2, 0);
+            let b = batch(2, 2);
+            assert!(eng.step(&b.inputs, &b.targets, 0.1).is_err());
+            eng.with_params(|p| assert_eq!(p, &initial_params()[..]));
+            eng.shutdown().unwrap();
         });
     }
 }
 
-#[test]
-fn all_invalid_step_skips_the_update_then_errors_after_the_limit() {
-    check("all invalid", Some(4), || {
-        let opts = TrainerOptions {
-            inject_nan: vec![(1, 0), (1, 1), (2, 0), (2, 1)],
-            max_skipped_steps: 2,
-            ..options(2, 2, Strategy::Segmented)
-        };
-        let mut eng = Engine::<Loom, _>::new(ScaleWorkload::new(PARAMS, 2), initial_params(), 2, 1, &opts).unwrap();
-        let b = batch(1, 2);
-        let rep = eng.step(&b.inputs, &b.targets, 0.1).unwrap();
-        assert!(rep.update_skipped);
-        assert_eq!(rep.skipped_spheres, vec![0, 1]);
-        assert_eq!(eng.params(), &initial_params()[..]);
-        assert_eq!(eng.adam_state().2, 0);
-        let b = batch(2, 2);
-        assert!(eng.step(&b.inputs, &b.targets, 0.1).is_err());
-        eng.with_params(|p| assert_eq!(p, &initial_params()[..]));
-        eng.shutdown().unwrap();
-    });
+/// The kinds of failure loom reports, told apart by its panic message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Every thread blocked: "deadlock; threads = [...]".
+    Deadlock,
+    /// A tracked cell written by two threads unordered: "Causality violation: Concurrent write
+    /// accesses to `UnsafeCell`."
+    WriteWriteRace,
+    /// A tracked cell read and written unordered: "Causality violation: Concurrent read and
+    /// write accesses ...".
+    ReadWriteRace,
 }
 
-// 5. Broken variants: each test passes only because loom finds the bug ---------------------
-
-#[test]
-fn broken_barrier_without_generation_is_caught() {
-    expect_bug("barrier without generation", Some(2), || {
-        let opts = options(2, 2, Strategy::Segmented);
-        let mut eng = Engine::<Loom, _>::with_fault(
-            ScaleWorkload::new(PARAMS, 2),
-            initial_params(),
-            2,
-            1,
-            &opts,
-            Fault::BarrierWithoutGeneration,
-        )
-        .unwrap();
-        for step in 1..=2 {
-            let b = batch(step, 2);
-            eng.step(&b.inputs, &b.targets, 0.1).unwrap();
-        }
-        eng.shutdown().unwrap();
-    });
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("")
 }
 
-#[test]
-fn broken_unlocked_accumulation_is_caught() {
-    expect_bug("accumulation without the gradient lock", Some(2), || {
-        let opts = options(2, 2, Strategy::GradientLock);
-        let mut eng = Engine::<Loom, _>::with_fault(
-            ScaleWorkload::new(PARAMS, 2),
-            initial_params(),
-            2,
-            1,
-            &opts,
-            Fault::UnlockedAccumulation,
-        )
-        .unwrap();
-        let b = batch(1, 2);
-        eng.step(&b.inputs, &b.targets, 0.1).unwrap();
-        eng.shutdown().unwrap();
-    });
+fn failure_of(text: &str) -> Option<Failure> {
+    if text.starts_with("deadlock; threads = ") {
+        Some(Failure::Deadlock)
+    } else if text.starts_with("Causality violation: Concurrent write accesses to `UnsafeCell`") {
+        Some(Failure::WriteWriteRace)
+    } else if text.starts_with("Causality violation: Concurrent read and write accesses") {
+        Some(Failure::ReadWriteRace)
+    } else {
+        None
+    }
 }
 
-#[test]
-fn broken_reduce_before_computed_is_caught() {
-    expect_bug("reduce before every micro-batch is computed", Some(2), || {
-        let opts = options(2, 2, Strategy::Segmented);
-        let mut eng = Engine::<Loom, _>::with_fault(
-            ScaleWorkload::new(PARAMS, 2),
-            initial_params(),
-            2,
-            1,
-            &opts,
-            Fault::SkipComputedBarrier,
-        )
-        .unwrap();
-        let b = batch(1, 2);
-        eng.step(&b.inputs, &b.targets, 0.1).unwrap();
-        eng.shutdown().unwrap();
-    });
+/// Passes only if loom, within `case`'s bound, finds `expected` in the broken variant `fault`:
+/// `case.steps` steps, then shutdown. Any other failure (another kind, a failed assertion or
+/// step) fails the test with loom's message.
+fn expect_bug(fault: Fault, case: Case, expected: Failure) {
+    let t = Instant::now();
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = case.preemption_bound;
+        b.check(move || {
+            let mut eng = case.engine(&case.options(), Some(fault));
+            for step in 1..=case.steps {
+                let b = batch(step, case.spheres);
+                eng.step(&b.inputs, &b.targets, 0.1).unwrap();
+            }
+            eng.shutdown().unwrap();
+        });
+    }));
+    eprintln!("loom broken {fault:?}: preemption bound {:?}, {:.1?}", case.preemption_bound, t.elapsed());
+    let payload = r.err().unwrap_or_else(|| panic!("loom did not find the bug in the broken variant {fault:?}"));
+    let text = panic_text(payload.as_ref());
+    assert_eq!(failure_of(text), Some(expected), "loom found another failure in {fault:?} than expected: {text}");
 }
 
-#[test]
-fn broken_lock_order_inversion_is_caught() {
-    expect_bug("model-lock with inverted lock order", Some(2), || {
-        let opts = options(2, 2, Strategy::ModelLock);
-        let mut eng = Engine::<Loom, _>::with_fault(
-            ScaleWorkload::new(PARAMS, 2),
-            initial_params(),
-            2,
-            1,
-            &opts,
-            Fault::LockOrderInversion,
-        )
-        .unwrap();
-        let b = batch(1, 2);
-        eng.step(&b.inputs, &b.targets, 0.1).unwrap();
-        eng.shutdown().unwrap();
-    });
+mod broken_variants_are_caught {
+    use super::*;
+
+    #[test]
+    fn barrier_without_generation_loses_a_wake_up() {
+        expect_bug(Fault::BarrierWithoutGeneration, Case::new(Strategy::Segmented, 2, 2, 2, 2), Failure::Deadlock);
+    }
+
+    #[test]
+    fn unlocked_accumulation_writes_the_sum_concurrently() {
+        let case = Case::new(Strategy::GradientLock, 2, 2, 1, 2);
+        expect_bug(Fault::UnlockedAccumulation, case, Failure::WriteWriteRace);
+    }
+
+    #[test]
+    fn reducing_before_computed_reads_a_slot_being_written() {
+        let case = Case::new(Strategy::Segmented, 2, 2, 1, 2);
+        expect_bug(Fault::SkipComputedBarrier, case, Failure::ReadWriteRace);
+    }
+
+    #[test]
+    fn inverted_lock_order_deadlocks() {
+        expect_bug(Fault::LockOrderInversion, Case::new(Strategy::ModelLock, 2, 2, 1, 2), Failure::Deadlock);
+    }
+
+    #[test]
+    fn repacking_during_compute_writes_the_derived_copy_under_a_read() {
+        let case = Case::new(Strategy::Segmented, 2, 2, 2, 2);
+        expect_bug(Fault::RepackDuringCompute, case, Failure::ReadWriteRace);
+    }
 }

@@ -57,6 +57,9 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// True for the model checkers. When a checker reports a bug it unwinds the checked
     /// threads; cleanup code must then not touch the checker's primitives again (a second
     /// panic during unwinding would abort the test process instead of failing the test).
+    ///
+    /// False promises that [`Backend::Cell`] tracks nothing (it is a plain `UnsafeCell`), so
+    /// that [`ChunkedBuf`] may skip its per-chunk tracking cells.
     const IS_CHECKER: bool;
     type Mutex<T: Send>: MutexApi<T>;
     type Condvar: Send + Sync;
@@ -189,47 +192,114 @@ impl Backend for Std {
 }
 
 // ---------------------------------------------------------------------------------------------
-// loom
+// The model checkers: loom and shuttle
 // ---------------------------------------------------------------------------------------------
 
-#[cfg(feature = "loom")]
-pub use self::loom_backend::Loom;
+/// Defines a checker backend from a crate with std-like `sync` and `thread` modules: its mutex
+/// wrapper, its atomic, and the [`Backend`] impl. Only the cell, which the two checkers track
+/// differently, is written out by hand for each (passed in as `cell`, with its items).
+macro_rules! checker_backend {
+    (
+        feature: $feature:literal, module: $module:ident, krate: $krate:ident,
+        $(#[$doc:meta])* backend: $backend:ident, mutex: $mutex:ident, cell: $cell:ident,
+        $($cell_items:item)*
+    ) => {
+        #[cfg(feature = $feature)]
+        pub use self::$module::$backend;
 
-#[cfg(feature = "loom")]
-mod loom_backend {
-    use super::*;
+        #[cfg(feature = $feature)]
+        mod $module {
+            use super::*;
 
+            $(#[$doc])*
+            #[derive(Debug, Clone, Copy, Default)]
+            pub struct $backend;
+
+            #[derive(Debug)]
+            pub struct $mutex<T>($krate::sync::Mutex<T>);
+
+            impl<T: Send> MutexApi<T> for $mutex<T> {
+                fn new(value: T) -> Self {
+                    $mutex($krate::sync::Mutex::new(value))
+                }
+                fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+                    let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                    f(&mut g)
+                }
+            }
+
+            impl AtomicUsizeApi for $krate::sync::atomic::AtomicUsize {
+                fn new(value: usize) -> Self {
+                    $krate::sync::atomic::AtomicUsize::new(value)
+                }
+                fn load(&self, order: Ordering) -> usize {
+                    $krate::sync::atomic::AtomicUsize::load(self, order)
+                }
+                fn store(&self, value: usize, order: Ordering) {
+                    $krate::sync::atomic::AtomicUsize::store(self, value, order)
+                }
+                fn fetch_add(&self, value: usize, order: Ordering) -> usize {
+                    $krate::sync::atomic::AtomicUsize::fetch_add(self, value, order)
+                }
+            }
+
+            $($cell_items)*
+
+            impl Backend for $backend {
+                const IS_CHECKER: bool = true;
+                type Mutex<T: Send> = $mutex<T>;
+                type Condvar = $krate::sync::Condvar;
+                type AtomicUsize = $krate::sync::atomic::AtomicUsize;
+                type Cell<T: Send + Sync> = $cell<T>;
+                // std's Arc: its reference counting is correct by construction, and the
+                // checker's would add a branch point to every clone and drop without checking
+                // anything about the protocol.
+                type Arc<T: Send + Sync + 'static> = std::sync::Arc<T>;
+                type JoinHandle<T: Send + 'static> = $krate::thread::JoinHandle<T>;
+
+                fn arc<T: Send + Sync + 'static>(value: T) -> Self::Arc<T> {
+                    std::sync::Arc::new(value)
+                }
+                fn condvar() -> Self::Condvar {
+                    $krate::sync::Condvar::new()
+                }
+                fn wait_while<T: Send, R>(
+                    m: &Self::Mutex<T>,
+                    cv: &Self::Condvar,
+                    mut cond: impl FnMut(&mut T) -> bool,
+                    then: impl FnOnce(&mut T) -> R,
+                ) -> R {
+                    let mut g = m.0.lock().unwrap_or_else(|e| e.into_inner());
+                    while cond(&mut g) {
+                        g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                    }
+                    then(&mut g)
+                }
+                fn notify_all(cv: &Self::Condvar) {
+                    cv.notify_all()
+                }
+                fn spawn<F, T>(name: String, f: F) -> std::io::Result<Self::JoinHandle<T>>
+                where
+                    F: FnOnce() -> T + Send + 'static,
+                    T: Send + 'static,
+                {
+                    $krate::thread::Builder::new().name(name).spawn(f)
+                }
+                fn join<T: Send + 'static>(handle: Self::JoinHandle<T>) -> std::thread::Result<T> {
+                    handle.join()
+                }
+                fn now() -> Option<Instant> {
+                    None
+                }
+            }
+        }
+    };
+}
+
+checker_backend! {
+    feature: "loom", module: loom_backend, krate: loom,
     /// The loom model checker's primitives. Everything must be created inside `loom::model`.
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct Loom;
-
-    #[derive(Debug)]
-    pub struct LoomMutex<T>(loom::sync::Mutex<T>);
-
-    impl<T: Send> MutexApi<T> for LoomMutex<T> {
-        fn new(value: T) -> Self {
-            LoomMutex(loom::sync::Mutex::new(value))
-        }
-        fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut g)
-        }
-    }
-
-    impl AtomicUsizeApi for loom::sync::atomic::AtomicUsize {
-        fn new(value: usize) -> Self {
-            loom::sync::atomic::AtomicUsize::new(value)
-        }
-        fn load(&self, order: Ordering) -> usize {
-            loom::sync::atomic::AtomicUsize::load(self, order)
-        }
-        fn store(&self, value: usize, order: Ordering) {
-            loom::sync::atomic::AtomicUsize::store(self, value, order)
-        }
-        fn fetch_add(&self, value: usize, order: Ordering) -> usize {
-            loom::sync::atomic::AtomicUsize::fetch_add(self, value, order)
-        }
-    }
+    backend: Loom, mutex: LoomMutex, cell: LoomCell,
 
     /// loom's tracked `UnsafeCell`: an access not ordered after a conflicting one panics.
     #[derive(Debug)]
@@ -252,108 +322,23 @@ mod loom_backend {
             self.0.with_mut(|p| f(unsafe { &mut *p }))
         }
     }
-
-    impl Backend for Loom {
-        const IS_CHECKER: bool = true;
-        type Mutex<T: Send> = LoomMutex<T>;
-        type Condvar = loom::sync::Condvar;
-        type AtomicUsize = loom::sync::atomic::AtomicUsize;
-        type Cell<T: Send + Sync> = LoomCell<T>;
-        // std's Arc: its reference counting is correct by construction, and loom's would add a
-        // branch point to every clone and drop without checking anything about the protocol.
-        type Arc<T: Send + Sync + 'static> = std::sync::Arc<T>;
-        type JoinHandle<T: Send + 'static> = loom::thread::JoinHandle<T>;
-
-        fn arc<T: Send + Sync + 'static>(value: T) -> Self::Arc<T> {
-            std::sync::Arc::new(value)
-        }
-        fn condvar() -> Self::Condvar {
-            loom::sync::Condvar::new()
-        }
-        fn wait_while<T: Send, R>(
-            m: &Self::Mutex<T>,
-            cv: &Self::Condvar,
-            mut cond: impl FnMut(&mut T) -> bool,
-            then: impl FnOnce(&mut T) -> R,
-        ) -> R {
-            let mut g = m.0.lock().unwrap_or_else(|e| e.into_inner());
-            while cond(&mut g) {
-                g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
-            }
-            then(&mut g)
-        }
-        fn notify_all(cv: &Self::Condvar) {
-            cv.notify_all()
-        }
-        fn spawn<F, T>(name: String, f: F) -> std::io::Result<Self::JoinHandle<T>>
-        where
-            F: FnOnce() -> T + Send + 'static,
-            T: Send + 'static,
-        {
-            loom::thread::Builder::new().name(name).spawn(f)
-        }
-        fn join<T: Send + 'static>(handle: Self::JoinHandle<T>) -> std::thread::Result<T> {
-            handle.join()
-        }
-        fn now() -> Option<Instant> {
-            None
-        }
-    }
 }
 
-// ---------------------------------------------------------------------------------------------
-// shuttle
-// ---------------------------------------------------------------------------------------------
-
-#[cfg(feature = "shuttle")]
-pub use self::shuttle_backend::Shuttle;
-
-#[cfg(feature = "shuttle")]
-mod shuttle_backend {
-    use super::*;
-    use std::sync::atomic::AtomicIsize;
-
+checker_backend! {
+    feature: "shuttle", module: shuttle_backend, krate: shuttle,
     /// shuttle's controlled primitives. Everything must be created inside a shuttle check.
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct Shuttle;
-
-    #[derive(Debug)]
-    pub struct ShuttleMutex<T>(shuttle::sync::Mutex<T>);
-
-    impl<T: Send> MutexApi<T> for ShuttleMutex<T> {
-        fn new(value: T) -> Self {
-            ShuttleMutex(shuttle::sync::Mutex::new(value))
-        }
-        fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-            let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut g)
-        }
-    }
-
-    impl AtomicUsizeApi for shuttle::sync::atomic::AtomicUsize {
-        fn new(value: usize) -> Self {
-            shuttle::sync::atomic::AtomicUsize::new(value)
-        }
-        fn load(&self, order: Ordering) -> usize {
-            shuttle::sync::atomic::AtomicUsize::load(self, order)
-        }
-        fn store(&self, value: usize, order: Ordering) {
-            shuttle::sync::atomic::AtomicUsize::store(self, value, order)
-        }
-        fn fetch_add(&self, value: usize, order: Ordering) -> usize {
-            shuttle::sync::atomic::AtomicUsize::fetch_add(self, value, order)
-        }
-    }
+    backend: Shuttle, mutex: ShuttleMutex, cell: ShuttleCell,
 
     /// shuttle has no tracked cell, so this one is its own small race detector: it records the
     /// readers/writer of the access in progress and yields to the scheduler inside the access,
-    /// so any schedule that lets a conflicting access start during it panics.
+    /// so any schedule that lets a conflicting access start during it panics, with a message
+    /// naming the two kinds of access ("data race: cell <this> while it is being <that>").
     #[derive(Debug)]
     pub struct ShuttleCell<T> {
         data: std::cell::UnsafeCell<T>,
         /// Readers in progress, or -1 while written. Plain std atomic: shuttle runs one thread at
         /// a time, so it needs no scheduling point of its own.
-        state: AtomicIsize,
+        state: std::sync::atomic::AtomicIsize,
     }
 
     // SAFETY: as for `StdCell`; the access state turns a broken exclusion promise into a panic
@@ -362,7 +347,7 @@ mod shuttle_backend {
 
     impl<T: Send + Sync> CellApi<T> for ShuttleCell<T> {
         fn new(value: T) -> Self {
-            ShuttleCell { data: std::cell::UnsafeCell::new(value), state: AtomicIsize::new(0) }
+            ShuttleCell { data: std::cell::UnsafeCell::new(value), state: std::sync::atomic::AtomicIsize::new(0) }
         }
         unsafe fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
             let prev = self.state.fetch_add(1, Ordering::SeqCst);
@@ -375,59 +360,17 @@ mod shuttle_backend {
             r
         }
         unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-            let prev = self.state.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst);
-            assert!(prev.is_ok(), "data race: cell written while it is being accessed ({prev:?})");
+            match self.state.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {}
+                Err(-1) => panic!("data race: cell written while it is being written"),
+                Err(_) => panic!("data race: cell written while it is being read"),
+            }
             shuttle::thread::yield_now();
             // SAFETY: the state is -1, so any other access started now panics before touching
             // the data.
             let r = f(unsafe { &mut *self.data.get() });
             self.state.store(0, Ordering::SeqCst);
             r
-        }
-    }
-
-    impl Backend for Shuttle {
-        const IS_CHECKER: bool = true;
-        type Mutex<T: Send> = ShuttleMutex<T>;
-        type Condvar = shuttle::sync::Condvar;
-        type AtomicUsize = shuttle::sync::atomic::AtomicUsize;
-        type Cell<T: Send + Sync> = ShuttleCell<T>;
-        type Arc<T: Send + Sync + 'static> = std::sync::Arc<T>;
-        type JoinHandle<T: Send + 'static> = shuttle::thread::JoinHandle<T>;
-
-        fn arc<T: Send + Sync + 'static>(value: T) -> Self::Arc<T> {
-            std::sync::Arc::new(value)
-        }
-        fn condvar() -> Self::Condvar {
-            shuttle::sync::Condvar::new()
-        }
-        fn wait_while<T: Send, R>(
-            m: &Self::Mutex<T>,
-            cv: &Self::Condvar,
-            mut cond: impl FnMut(&mut T) -> bool,
-            then: impl FnOnce(&mut T) -> R,
-        ) -> R {
-            let mut g = m.0.lock().unwrap_or_else(|e| e.into_inner());
-            while cond(&mut g) {
-                g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
-            }
-            then(&mut g)
-        }
-        fn notify_all(cv: &Self::Condvar) {
-            cv.notify_all()
-        }
-        fn spawn<F, T>(name: String, f: F) -> std::io::Result<Self::JoinHandle<T>>
-        where
-            F: FnOnce() -> T + Send + 'static,
-            T: Send + 'static,
-        {
-            shuttle::thread::Builder::new().name(name).spawn(f)
-        }
-        fn join<T: Send + 'static>(handle: Self::JoinHandle<T>) -> std::thread::Result<T> {
-            handle.join()
-        }
-        fn now() -> Option<Instant> {
-            None
         }
     }
 }
@@ -488,18 +431,8 @@ impl<B: Backend> ChunkedBuf<B> {
     /// # Safety
     /// No chunk of the buffer may be written concurrently.
     pub unsafe fn read_all<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
-        let mut f = Some(f);
-        let mut out = None;
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            self.nest(0, false, &mut || {
-                // SAFETY: every chunk's read access is held here (for the checkers) and the caller
-                // guarantees no writer; the pointer covers `len` initialised floats.
-                let s = std::slice::from_raw_parts(self.base() as *const f32, self.data.len());
-                out = Some((f.take().expect("called once"))(s));
-            })
-        };
-        out.expect("closure ran")
+        // SAFETY: forwarded from this function's contract; the range is the whole buffer.
+        unsafe { self.read_range(0..self.data.len(), f) }
     }
 
     /// Writes the whole buffer.
@@ -507,30 +440,75 @@ impl<B: Backend> ChunkedBuf<B> {
     /// # Safety
     /// No other access to any chunk may run concurrently.
     pub unsafe fn write_all<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> R {
-        let mut f = Some(f);
-        let mut out = None;
+        // SAFETY: forwarded from this function's contract; the range is the whole buffer.
+        unsafe { self.write_range(0..self.data.len(), f) }
+    }
+
+    /// Reads `range`, holding the tracking access of every chunk it overlaps.
+    ///
+    /// # Safety
+    /// No chunk that `range` overlaps may be written concurrently.
+    pub unsafe fn read_range<R>(&self, range: Range<usize>, f: impl FnOnce(&[f32]) -> R) -> R {
+        // SAFETY: forwarded from this function's contract; `with_range` passes a pointer to
+        // `len` initialised floats of the buffer that no one writes meanwhile.
+        unsafe { self.with_range(range, false, |p, len| f(std::slice::from_raw_parts(p as *const f32, len))) }
+    }
+
+    /// Writes `range`, holding the tracking access of every chunk it overlaps.
+    ///
+    /// # Safety
+    /// No other access to a chunk that `range` overlaps may run concurrently.
+    pub unsafe fn write_range<R>(&self, range: Range<usize>, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        // SAFETY: forwarded from this function's contract; `with_range` passes a pointer to
+        // `len` initialised floats of the buffer that nothing else accesses meanwhile.
+        unsafe { self.with_range(range, true, |p, len| f(std::slice::from_raw_parts_mut(p, len))) }
+    }
+
+    /// Runs `f` on the start and length of `range` (panics unless it lies in the buffer) while
+    /// holding the tracking access (`write` or read) of every chunk it overlaps.
+    ///
+    /// # Safety
+    /// As for `write_range` (`write`) or `read_range`.
+    unsafe fn with_range<R>(&self, range: Range<usize>, write: bool, f: impl FnOnce(*mut f32, usize) -> R) -> R {
+        assert!(range.start <= range.end && range.end <= self.data.len(), "range outside the buffer");
+        // SAFETY: the range lies inside the buffer (checked above).
+        let start = unsafe { self.base().add(range.start) };
+        if !B::IS_CHECKER {
+            // A non-checker's cells track nothing (see `Backend::IS_CHECKER`), so holding them
+            // would only nest one stack frame per chunk (thousands for a large model).
+            return f(start, range.len());
+        }
+        let (mut f, mut out) = (Some(f), None);
         // SAFETY: forwarded from this function's contract.
         unsafe {
-            self.nest(0, true, &mut || {
-                // SAFETY: every chunk's write access is held here and the caller guarantees
-                // exclusivity.
-                let s = std::slice::from_raw_parts_mut(self.base(), self.data.len());
-                out = Some((f.take().expect("called once"))(s));
+            self.nest(self.chunks_of(&range), write, &mut || {
+                out = Some((f.take().expect("called once"))(start, range.len()))
             })
         };
         out.expect("closure ran")
     }
 
-    /// Holds the tracking access of chunks `c..` (nested, so all are held while `f` runs).
-    unsafe fn nest(&self, c: usize, write: bool, f: &mut dyn FnMut()) {
-        if c == self.track.len() {
-            f();
-        } else if write {
+    /// The chunks an element range overlaps.
+    fn chunks_of(&self, range: &Range<usize>) -> Range<usize> {
+        if range.is_empty() {
+            return 0..0;
+        }
+        range.start / self.chunk..range.end.div_ceil(self.chunk)
+    }
+
+    /// Holds the tracking access of chunks `chunks` (nested, so all are held while `f` runs).
+    /// Only the checker backends come here: their buffers have a handful of chunks.
+    unsafe fn nest(&self, chunks: Range<usize>, write: bool, f: &mut dyn FnMut()) {
+        let Some(c) = chunks.clone().next() else {
+            return f();
+        };
+        let rest = c + 1..chunks.end;
+        if write {
             // SAFETY: forwarded from the caller's contract.
-            unsafe { self.track[c].with_mut(|_| self.nest(c + 1, write, f)) }
+            unsafe { self.track[c].with_mut(|_| self.nest(rest, write, f)) }
         } else {
             // SAFETY: forwarded from the caller's contract.
-            unsafe { self.track[c].with(|_| self.nest(c + 1, write, f)) }
+            unsafe { self.track[c].with(|_| self.nest(rest, write, f)) }
         }
     }
 

@@ -27,7 +27,7 @@ pub struct Barrier<B: Backend> {
     parties: usize,
     state: B::Mutex<State>,
     cv: B::Condvar,
-    #[cfg(any(feature = "loom", feature = "shuttle"))]
+    /// The deliberately broken variant (see [`Barrier::new_without_generation`]).
     broken: bool,
 }
 
@@ -38,14 +38,14 @@ impl<B: Backend> Barrier<B> {
             parties,
             state: B::Mutex::new(State { arrived: 0, generation: 0, poisoned: false }),
             cv: B::condvar(),
-            #[cfg(any(feature = "loom", feature = "shuttle"))]
             broken: false,
         }
     }
 
     /// The deliberately broken variant that waits on the arrival count instead of the
-    /// generation; only for the model checkers' "the checker finds this bug" tests.
-    #[cfg(any(feature = "loom", feature = "shuttle"))]
+    /// generation; only for the model checkers' "the checker finds this bug" tests. Compiled
+    /// into every build, so that enabling a checker feature never changes the binary.
+    #[doc(hidden)]
     pub fn new_without_generation(parties: usize) -> Self {
         Barrier { broken: true, ..Self::new(parties) }
     }
@@ -57,7 +57,6 @@ impl<B: Backend> Barrier<B> {
     /// Blocks until all parties have arrived in the current generation. Returns `Ok(true)` for
     /// exactly one party (the last to arrive), `Err` if the barrier is or becomes poisoned.
     pub fn wait(&self) -> Result<bool, Poisoned> {
-        #[cfg(any(feature = "loom", feature = "shuttle"))]
         if self.broken {
             return self.wait_without_generation();
         }
@@ -97,7 +96,6 @@ impl<B: Backend> Barrier<B> {
         )
     }
 
-    #[cfg(any(feature = "loom", feature = "shuttle"))]
     fn wait_without_generation(&self) -> Result<bool, Poisoned> {
         let parties = self.parties;
         let last = self.state.with(|s| {

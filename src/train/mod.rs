@@ -8,8 +8,13 @@
 //!
 //! - [`barrier`]: the generation-counting step barrier.
 //! - [`strategy`]: [`Strategy`] and [`ClipMode`].
-//! - [`spheres`]: [`Engine`], the persistent workers and step protocol, generic over the sync
-//!   backend ([`crate::sync`]) and the [`Workload`], so loom and shuttle check the real code.
+//! - [`protocol`]: the step protocol of the persistent workers, its phases and invariants,
+//!   generic over the sync backend ([`crate::sync`]) and the [`Workload`], so loom and shuttle
+//!   check the real code; [`lock_strategies`]: the compute phase of the two lock strategies.
+//! - [`engine`]: [`Engine`], which builds the workers, publishes each step, collects its
+//!   report and shuts the workers down.
+//! - [`tally`]: the step report and skip bookkeeping every engine shares.
+//! - [`fault`]: the deliberately broken protocol variants the model checks must catch.
 //! - [`rayon_engine`]: the `rayon` strategy (not model-checked).
 //! - [`workload`]: the [`Workload`] trait, the real [`GptWorkload`], the fake [`ScaleWorkload`].
 //! - [`reference`]: a serial oracle of the step semantics, for tests.
@@ -20,26 +25,30 @@
 //!   [`progress`]: stderr progress and the metrics file.
 
 pub mod barrier;
+pub mod engine;
 pub mod eval;
+pub mod fault;
+pub mod lock_strategies;
 pub mod options;
 pub mod progress;
+pub mod protocol;
 pub mod rayon_engine;
 pub mod reference;
 pub mod run;
 pub mod schedule;
-pub mod spheres;
 pub mod strategy;
+pub mod tally;
 pub mod timing;
 pub mod trainer;
 pub mod workload;
 
+pub use engine::{resolve_spheres, Engine, DEFAULT_CHUNK};
+#[doc(hidden)]
+pub use fault::Fault;
 pub use options::RunOptions;
 pub use rayon_engine::RayonEngine;
 pub use reference::Reference;
 pub use schedule::LrSchedule;
-#[cfg(any(feature = "loom", feature = "shuttle"))]
-pub use spheres::Fault;
-pub use spheres::{resolve_spheres, Engine, DEFAULT_CHUNK};
 pub use strategy::{ClipMode, Strategy};
 pub use timing::{StepTimings, WorkerTiming};
 pub use trainer::Trainer;

@@ -9,7 +9,8 @@
 //! (and the f64 norm sum) are associated differently from run to run and across thread counts.
 //! Not model-checked either: rayon's threads are outside the sync backend.
 
-use super::spheres::{scaling, sphere_factor, validate};
+use super::engine::validate;
+use super::tally::{sphere_factor, StepCounters, StepTally};
 use super::timing::WorkerTiming;
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
@@ -65,12 +66,9 @@ pub struct RayonEngine<W: Workload> {
     clip_mode: super::ClipMode,
     adamw: AdamWConfig,
     inject_nan: Vec<(u64, usize)>,
-    max_skipped_steps: usize,
-    step: u64,
+    counters: StepCounters,
     /// Steps run by this engine: the weights version the workload sees.
     published: u64,
-    t: u64,
-    consecutive_skipped: usize,
 }
 
 impl<W: Workload> RayonEngine<W> {
@@ -100,11 +98,8 @@ impl<W: Workload> RayonEngine<W> {
             clip_mode: opts.clip_mode,
             adamw: opts.adamw,
             inject_nan: opts.inject_nan.clone(),
-            max_skipped_steps: opts.max_skipped_steps,
-            step: 0,
+            counters: StepCounters::new(opts.max_skipped_steps),
             published: 0,
-            t: 0,
-            consecutive_skipped: 0,
         })
     }
 
@@ -131,7 +126,7 @@ impl<W: Workload> RayonEngine<W> {
         &self.sum
     }
     pub fn adam_state(&self) -> (&[f32], &[f32], u64) {
-        (&self.m, &self.v, self.t)
+        (&self.m, &self.v, self.counters.t)
     }
     pub fn set_adam_state(&mut self, m: &[f32], v: &[f32], t: u64) -> Result<()> {
         let p = self.params.len();
@@ -140,14 +135,14 @@ impl<W: Workload> RayonEngine<W> {
         }
         self.m.copy_from_slice(m);
         self.v.copy_from_slice(v);
-        self.t = t;
+        self.counters.t = t;
         Ok(())
     }
     pub fn step_count(&self) -> u64 {
-        self.step
+        self.counters.step
     }
     pub fn set_step(&mut self, n: u64) {
-        self.step = n;
+        self.counters.step = n;
     }
 
     pub fn step(&mut self, inputs: &[u32], targets: &[u32], lr: f32) -> Result<StepReport> {
@@ -167,7 +162,7 @@ impl<W: Workload> RayonEngine<W> {
         let wall = Instant::now();
         self.batch.inputs.copy_from_slice(inputs);
         self.batch.targets.copy_from_slice(targets);
-        let step = self.step + 1;
+        let step = self.counters.step + 1;
         // Names this step's weights for the workload's caches; private, so never repeats.
         self.published += 1;
         let version = self.published;
@@ -206,27 +201,14 @@ impl<W: Workload> RayonEngine<W> {
 
         let mut infos = acc.infos;
         infos.sort_by_key(|i| i.mb);
-        report.step = step;
-        report.skipped_spheres.clear();
-        report.bad_values.clear();
-        let (mut loss_sum, mut n_valid, mut max_norm, mut sphere_clipped) = (0.0f64, 0usize, 0.0f64, false);
+        let mut tally = StepTally::begin(report, step);
         for i in &infos {
             if i.scan.is_valid() {
-                n_valid += 1;
-                loss_sum += i.loss as f64;
-                max_norm = max_norm.max(i.scan.norm());
-                sphere_clipped |= i.factor < 1.0;
+                tally.valid(i.loss, i.scan.norm(), i.factor);
             } else {
-                report.skipped_spheres.push(i.mb);
-                for &(idx, v) in i.scan.bad_entries() {
-                    if report.bad_values.len() < grad::MAX_BAD {
-                        report.bad_values.push((i.mb, idx, v));
-                    }
-                }
+                tally.invalid(i.mb, i.scan.bad_entries());
             }
         }
-        report.loss = if n_valid > 0 { (loss_sum / n_valid as f64) as f32 } else { f32::NAN };
-        report.max_sphere_norm = max_norm as f32;
         let mut timing = WorkerTiming { compute, micro_batches: spheres as u32, ..Default::default() };
         let chunk = self.chunk;
         let t1 = Instant::now();
@@ -238,12 +220,10 @@ impl<W: Workload> RayonEngine<W> {
             None => f64::NAN,
         };
         timing.reduce = t1.elapsed();
-        // A sum of finite gradients can still overflow f32: skip such an update too.
-        report.update_skipped = !total.is_finite();
-        if !report.update_skipped {
-            let s = scaling(total, n_valid, clip_norm, clip_mode);
+        // A sum of finite gradients can still overflow f32: `finish` skips such an update too.
+        if let Some(s) = tally.finish(total, clip_norm, clip_mode) {
             let t2 = Instant::now();
-            let (adamw, t, g) = (self.adamw, self.t + 1, &self.sum);
+            let (adamw, t, g) = (self.adamw, self.counters.t + 1, &self.sum);
             let (p, m, v) = (&mut self.params, &mut self.m, &mut self.v);
             self.pool.install(|| {
                 p.par_chunks_mut(chunk)
@@ -253,26 +233,10 @@ impl<W: Workload> RayonEngine<W> {
                     .for_each(|(((p, g), m), v)| adamw.update_chunk(p, g, m, v, t, lr, s.grad_scale))
             });
             timing.optimizer = t2.elapsed();
-            report.grad_norm = s.grad_norm as f32;
-            report.clipped = s.clipped || sphere_clipped;
-            self.t = t;
-            self.consecutive_skipped = 0;
-        } else {
-            report.grad_norm = f32::NAN;
-            report.clipped = false;
-            self.consecutive_skipped += 1;
         }
-        report.adam_t = self.t;
-        self.step = step;
         report.timings.workers.clear();
         report.timings.workers.push(timing);
         report.timings.wall = wall.elapsed();
-        if self.max_skipped_steps > 0 && self.consecutive_skipped >= self.max_skipped_steps {
-            bail!(
-                "{} consecutive steps had no valid micro-batch (NaN/Inf gradients in every one; last at step {step}); stopping",
-                self.consecutive_skipped
-            );
-        }
-        Ok(())
+        self.counters.record(report)
     }
 }

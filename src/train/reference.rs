@@ -4,7 +4,7 @@
 //! `segmented` must match it bit for bit at every thread count; the other strategies match it
 //! up to the summation order. Tests (and the model checks) compare against it.
 
-use super::spheres::{scaling, sphere_factor};
+use super::tally::{scaling, sphere_factor};
 use super::workload::{StepBatch, Workload};
 use super::TrainerOptions;
 use crate::grad;

@@ -1,7 +1,7 @@
 //! [`Trainer`]: a GPT model, its optimizer state and the threaded step engine.
 
+use super::engine::Engine;
 use super::rayon_engine::RayonEngine;
-use super::spheres::Engine;
 use super::workload::GptWorkload;
 use super::{StepReport, Strategy, TrainerOptions};
 use crate::model::Model;

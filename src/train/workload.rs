@@ -1,6 +1,6 @@
 //! The math of one micro-batch, separated from the protocol that schedules it.
 //!
-//! The protocol ([`super::spheres`]) only asks a [`Workload`] for the gradient of one
+//! The protocol ([`super::protocol`]) only asks a [`Workload`] for the gradient of one
 //! micro-batch against read-only weights. [`GptWorkload`] is the real model; [`ScaleWorkload`]
 //! is a tiny deterministic fake whose gradients are exact in f32, used by the loom and shuttle
 //! checks and the protocol tests so that the checked code is the real protocol.
@@ -8,6 +8,7 @@
 use crate::config::ModelConfig;
 use crate::model::packed::SharedPacking;
 use crate::model::{self, Activations, PackedWeights};
+use crate::sync::{Backend, CellApi, ChunkedBuf, Std};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The token batch of one step: `rows` sequences of `seq` tokens, row-major.
@@ -186,17 +187,48 @@ impl Workload for GptWorkload {
 /// the micro-batch`, loss = `mb + first token`. With small integer weights every value is exact
 /// in f32, so any lost, doubled or misplaced contribution shows in the result. It counts the
 /// calls per micro-batch (a test probe, not part of the protocol's synchronization).
-#[derive(Debug)]
-pub struct ScaleWorkload {
+///
+/// Like [`GptWorkload`]'s shared packing, it keeps data derived from the weights: a copy of
+/// them, written chunk by chunk in [`Workload::weights_written`] by the update phase and read
+/// by `compute` (instead of the weights) whenever the engine declares it valid for the step's
+/// weights version. The copy lives in `B`'s tracked cells, one per chunk of the engine's
+/// reduction, so the model checkers catch a write to it that overlaps a read; a stale copy
+/// shows as a gradient that differs from the serial oracle's.
+pub struct ScaleWorkload<B: Backend = Std> {
     params: usize,
     calls: Vec<AtomicUsize>,
     /// Panic when computing this micro-batch (to test worker-panic propagation).
     pub panic_on: Option<usize>,
+    /// The derived copy of the weights.
+    derived: ChunkedBuf<B>,
+    /// The weights version `derived` matches, if any (written only between steps).
+    derived_for: B::Cell<Option<u64>>,
 }
 
-impl ScaleWorkload {
+impl<B: Backend> std::fmt::Debug for ScaleWorkload<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScaleWorkload").field("params", &self.params).field("panic_on", &self.panic_on).finish()
+    }
+}
+
+impl ScaleWorkload<Std> {
+    /// The fake for the std backend (whose cells track nothing, so the chunking is moot).
     pub fn new(params: usize, spheres: usize) -> Self {
-        ScaleWorkload { params, calls: (0..spheres).map(|_| AtomicUsize::new(0)).collect(), panic_on: None }
+        Self::tracked(params, spheres, params.max(1))
+    }
+}
+
+impl<B: Backend> ScaleWorkload<B> {
+    /// The fake for backend `B`, its derived copy tracked in chunks of `chunk` floats: pass the
+    /// engine's chunk size, so that each update-phase write holds exactly one tracked chunk.
+    pub fn tracked(params: usize, spheres: usize, chunk: usize) -> Self {
+        ScaleWorkload {
+            params,
+            calls: (0..spheres).map(|_| AtomicUsize::new(0)).collect(),
+            panic_on: None,
+            derived: ChunkedBuf::new(vec![0.0; params], chunk),
+            derived_for: B::Cell::new(None),
+        }
     }
 
     /// How many times micro-batch `mb` has been computed since creation.
@@ -211,7 +243,7 @@ impl ScaleWorkload {
     }
 }
 
-impl Workload for ScaleWorkload {
+impl<B: Backend> Workload for ScaleWorkload<B> {
     type Scratch = ();
 
     fn num_params(&self) -> usize {
@@ -224,7 +256,7 @@ impl Workload for ScaleWorkload {
         &self,
         _scratch: &mut (),
         weights: &[f32],
-        _weights_version: u64,
+        weights_version: u64,
         batch: &StepBatch,
         mb: usize,
         spheres: usize,
@@ -237,9 +269,32 @@ impl Workload for ScaleWorkload {
             panic!("ScaleWorkload: injected panic in micro-batch {mb}");
         }
         let tok = batch.micro(mb, spheres).0.first().copied().unwrap_or(0) as f32;
-        for (g, w) in grad.iter_mut().zip(weights) {
-            *g = w * (mb + 1) as f32 + tok;
+        let fill = |weights: &[f32], grad: &mut [f32]| {
+            for (g, w) in grad.iter_mut().zip(weights) {
+                *g = w * (mb + 1) as f32 + tok;
+            }
+        };
+        // SAFETY: `derived_for` is written only between steps (`derived_valid_for`), and the
+        // copy only in the update phase (`weights_written`): neither runs during a compute.
+        unsafe {
+            if self.derived_for.with(|v| *v == Some(weights_version)) {
+                self.derived.read_all(|copy| fill(copy, grad));
+            } else {
+                fill(weights, grad);
+            }
         }
         mb as f32 + tok
+    }
+
+    unsafe fn weights_written(&self, start: usize, values: &[f32]) {
+        // SAFETY: forwarded contract: concurrent calls have disjoint ranges and no compute runs
+        // meanwhile.
+        unsafe { self.derived.write_range(start..start + values.len(), |d| d.copy_from_slice(values)) }
+    }
+
+    fn derived_valid_for(&self, version: Option<u64>) {
+        // SAFETY: called between steps, with no step running (the trait's contract), so nothing
+        // reads the cell meanwhile.
+        unsafe { self.derived_for.with_mut(|v| *v = version) }
     }
 }
