@@ -398,15 +398,21 @@ pub fn check_state(s: &TrainState) -> std::result::Result<(), String> {
 fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);
     let bytes = read_regular_file(&path, MAX_STATE_BYTES, "checkpoint state file")?;
-    let state: TrainState = serde_json::from_slice(&bytes)
-        .map_err(|e| err!("{}: not a valid checkpoint state (truncated or damaged?): {e}", path.display()))?;
+    parse_state(&bytes).map_err(|e| e.context(path.display()))
+}
+
+/// Parses `state.json` bytes and verifies their `self_sha256` (the values are checked by
+/// [`check_state`], which [`load`] calls next).
+pub fn parse_state(bytes: &[u8]) -> Result<TrainState> {
+    let state: TrainState =
+        serde_json::from_slice(bytes).map_err(|e| err!("not a valid checkpoint state (truncated or damaged?): {e}"))?;
     if state.self_sha256.len() != 64 {
-        bail!("{}: missing self_sha256 checksum", path.display());
+        bail!("missing self_sha256 checksum");
     }
-    let zeroed = replace_once(&bytes, state.self_sha256.as_bytes(), ZERO_HASH.as_bytes())
-        .ok_or_else(|| err!("{}: checksum field not found", path.display()))?;
+    let zeroed = replace_once(bytes, state.self_sha256.as_bytes(), ZERO_HASH.as_bytes())
+        .ok_or_else(|| err!("checksum field not found"))?;
     if sha256_hex(&zeroed) != state.self_sha256 {
-        bail!("{}: checksum mismatch (the file is damaged)", path.display());
+        bail!("checksum mismatch (the file is damaged)");
     }
     Ok(state)
 }
