@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::Dtype;
 
 mod common;
 use common::{assert_fails, s, step_dirs, text, train_tiny};
@@ -72,28 +72,18 @@ fn checkpoint() -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 /// A safetensors file's tensors and metadata, to be changed and written back.
 struct Tensors {
-    list: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    list: common::TensorList,
     meta: HashMap<String, String>,
 }
 
 impl Tensors {
     fn read(path: &Path) -> Tensors {
-        let bytes = std::fs::read(path).unwrap();
-        let (_, m) = SafeTensors::read_metadata(&bytes).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut list: Vec<_> =
-            st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
-        list.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensors { list, meta: m.metadata().clone().unwrap_or_default() }
+        let (list, meta) = common::tensor_parts(&std::fs::read(path).unwrap());
+        Tensors { list, meta }
     }
 
     fn write(&self, path: &Path) {
-        let views: Vec<(String, TensorView)> = self
-            .list
-            .iter()
-            .map(|(n, d, sh, data)| (n.clone(), TensorView::new(*d, sh.clone(), data).unwrap()))
-            .collect();
-        std::fs::write(path, safetensors::tensor::serialize(views, &Some(self.meta.clone())).unwrap()).unwrap();
+        std::fs::write(path, common::tensor_bytes(&self.list, &self.meta)).unwrap();
     }
 
     fn data_mut(&mut self, name: &str) -> &mut Vec<u8> {
@@ -113,17 +103,16 @@ impl Tensors {
 /// field zeroed), so only the validation of the values can catch the change.
 fn resign(step: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = step.join("state.json");
-    let mut st: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    edit(&mut st);
-    for f in ["model.safetensors", "state.safetensors"] {
-        st["files"][f] = cllm::data::sha256_hex(&std::fs::read(step.join(f)).unwrap()).into();
-    }
-    let zeros = "0".repeat(64);
-    st["self_sha256"] = zeros.clone().into();
-    let mut json = serde_json::to_vec_pretty(&st).unwrap();
-    json.push(b'\n');
-    let hash = cllm::data::sha256_hex(&json);
-    let json = String::from_utf8(json).unwrap().replacen(&zeros, &hash, 1);
+    let files: Vec<(&str, String)> = ["model.safetensors", "state.safetensors"]
+        .into_iter()
+        .map(|f| (f, cllm::data::sha256_hex(&std::fs::read(step.join(f)).unwrap())))
+        .collect();
+    let json = common::resign_state_json(&std::fs::read(&path).unwrap(), |st| {
+        edit(st);
+        for (f, h) in files {
+            st["files"][f] = h.into();
+        }
+    });
     std::fs::write(&path, json).unwrap();
 }
 

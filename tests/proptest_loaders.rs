@@ -7,14 +7,16 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::HashMap;
 
 use cllm::checkpoint::{check_state, deserialize_moments, parse_state};
 use cllm::config::ModelConfig;
 use cllm::data::squad_to_text;
 use cllm::model::weights::deserialize_safetensors;
 use proptest::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::Dtype;
+
+mod common;
+use common::{tensor_bytes, tensor_parts};
 
 /// Counts the live and peak heap bytes of each thread.
 struct Counting;
@@ -100,35 +102,9 @@ fn read_squad(bytes: &[u8]) -> bool {
     r.is_ok()
 }
 
-/// A safetensors file's tensors, to be changed and written back.
-type TensorList = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-fn parts(bytes: &[u8]) -> (TensorList, HashMap<String, String>) {
-    let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let mut list: TensorList =
-        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
-    list.sort_by(|a, b| a.0.cmp(&b.0));
-    (list, meta.metadata().clone().unwrap_or_default())
-}
-
-fn assemble(list: &TensorList, meta: &HashMap<String, String>) -> Vec<u8> {
-    let views: Vec<(String, TensorView)> =
-        list.iter().map(|(n, d, sh, data)| (n.clone(), TensorView::new(*d, sh.clone(), data).unwrap())).collect();
-    safetensors::tensor::serialize(views, &Some(meta.clone())).unwrap()
-}
-
-/// `state.json` with `edit` applied and its `self_sha256` recomputed.
+/// `state.json` of the fixture checkpoint with `edit` applied and its checksum recomputed.
 fn resigned_state(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
-    let raw = std::fs::read(format!("{CKPT}/state.json")).unwrap();
-    let mut st: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    edit(&mut st);
-    let zeros = "0".repeat(64);
-    st["self_sha256"] = zeros.clone().into();
-    let mut json = serde_json::to_vec_pretty(&st).unwrap();
-    json.push(b'\n');
-    let hash = cllm::data::sha256_hex(&json);
-    String::from_utf8(json).unwrap().replacen(&zeros, &hash, 1).into_bytes()
+    common::resign_state_json(&std::fs::read(format!("{CKPT}/state.json")).unwrap(), edit)
 }
 
 #[test]
@@ -164,7 +140,7 @@ fn the_real_files_load_and_every_truncation_of_them_is_an_error() {
 
 #[test]
 fn absurd_declared_shapes_are_refused_without_allocating_them() {
-    let (list, meta) = parts(&model_bytes());
+    let (list, meta) = tensor_parts(&model_bytes());
     let c: serde_json::Value = serde_json::from_str(&meta["cllm.config"]).unwrap();
     for field in ["layers", "heads", "embed", "context", "vocab"] {
         for v in [0u64, 3, 1 << 20, 1 << 31, 1_000_000_000_000, u64::MAX] {
@@ -172,7 +148,7 @@ fn absurd_declared_shapes_are_refused_without_allocating_them() {
             c[field] = v.into();
             let mut meta = meta.clone();
             meta.insert("cllm.config".into(), c.to_string());
-            assert!(!load_model(&assemble(&list, &meta)), "{field} = {v} loaded");
+            assert!(!load_model(&tensor_bytes(&list, &meta)), "{field} = {v} loaded");
         }
     }
     // A header length past the end of the file, and a header that declares a tensor the data
@@ -182,7 +158,7 @@ fn absurd_declared_shapes_are_refused_without_allocating_them() {
     assert!(!load_model(&bytes));
     let mut big = list.clone();
     big[0].2 = vec![1 << 40];
-    let mut header = assemble(&list, &meta);
+    let mut header = tensor_bytes(&list, &meta);
     let text = String::from_utf8_lossy(&header).into_owned();
     let shape = format!("{:?}", list[0].2).replace(' ', "");
     if let Some(pos) = text.find(&shape) {
@@ -193,7 +169,7 @@ fn absurd_declared_shapes_are_refused_without_allocating_them() {
 
 #[test]
 fn wrong_dtypes_nan_weights_and_duplicate_names_are_refused() {
-    let (list, meta) = parts(&model_bytes());
+    let (list, meta) = tensor_parts(&model_bytes());
     for i in 0..list.len() {
         for dtype in [Dtype::F16, Dtype::I32, Dtype::U8, Dtype::F64] {
             let mut l = list.clone();
@@ -203,25 +179,25 @@ fn wrong_dtypes_nan_weights_and_duplicate_names_are_refused() {
             let n = data.len() / dtype.size();
             *sh = vec![n];
             data.truncate(n * dtype.size());
-            assert!(!load_model(&assemble(&l, &meta)), "{} as {dtype:?} loaded", l[i].0);
+            assert!(!load_model(&tensor_bytes(&l, &meta)), "{} as {dtype:?} loaded", l[i].0);
         }
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let mut l = list.clone();
             l[i].3[..4].copy_from_slice(&bad.to_le_bytes());
-            assert!(!load_model(&assemble(&l, &meta)), "{} with {bad} loaded", l[i].0);
+            assert!(!load_model(&tensor_bytes(&l, &meta)), "{} with {bad} loaded", l[i].0);
         }
         let mut l = list.clone();
         let mut dup = l[i].clone();
         dup.0 = format!("transformer.{}", dup.0);
         l.push(dup);
-        assert!(!load_model(&assemble(&l, &meta)), "{} twice loaded", list[i].0);
+        assert!(!load_model(&tensor_bytes(&l, &meta)), "{} twice loaded", list[i].0);
     }
     let moments = std::fs::read(format!("{CKPT}/state.safetensors")).unwrap();
-    let (mlist, mmeta) = parts(&moments);
+    let (mlist, mmeta) = tensor_parts(&moments);
     for (i, bad) in [(0, f32::NAN), (0, f32::INFINITY), (1, -1.0), (1, f32::NAN)] {
         let mut l = mlist.clone();
         l[i].3[40..44].copy_from_slice(&bad.to_le_bytes());
-        assert!(!load_moments(&assemble(&l, &mmeta)), "{} with {bad}", l[i].0);
+        assert!(!load_moments(&tensor_bytes(&l, &mmeta)), "{} with {bad}", l[i].0);
     }
 }
 
