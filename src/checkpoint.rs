@@ -37,9 +37,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
+use crate::data::text::{read_regular_file, MAX_DATA_BYTES};
 use crate::data::{sha256_hex, DataFormat, SamplerState};
 use crate::error::{Error, Result};
-use crate::model::weights::{deserialize_safetensors, serialize_safetensors};
+use crate::model::weights::{deserialize_safetensors, read_safetensors_file, serialize_safetensors};
 use crate::model::Model;
 use crate::train::RunOptions;
 use crate::{bail, err};
@@ -56,6 +57,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit the binary was built from ("unknown" outside a git checkout).
 pub const GIT_COMMIT: &str = env!("CLLM_GIT_COMMIT");
+
+/// Largest `state.json` read (a real one is about 2 KB, its command line included).
+const MAX_STATE_BYTES: u64 = 16 << 20;
+/// Room for the header of `state.safetensors` beyond its two F32 tensors.
+const MOMENTS_HEADER_BYTES: u64 = 1 << 20;
 
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -188,13 +194,13 @@ pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
 pub fn load_model(path: &Path) -> Result<(Model, PathBuf)> {
     let meta = fs::metadata(path).map_err(|e| io_err(path, &e))?;
     if !meta.is_dir() {
-        let bytes = read_file(path)?;
+        let bytes = read_safetensors_file(path)?;
         let model = deserialize_safetensors(&bytes).map_err(|e| e.context(path.display()))?;
         return Ok((model, path.to_path_buf()));
     }
     let dir = resolve_dir(path)?;
     let file = dir.join(MODEL_FILE);
-    let bytes = read_file(&file)?;
+    let bytes = read_safetensors_file(&file)?;
     if dir.join(STATE_FILE).exists() {
         let state = read_state(&dir)?;
         verify_checksum(&file, &bytes, &state)?;
@@ -204,7 +210,10 @@ pub fn load_model(path: &Path) -> Result<(Model, PathBuf)> {
 }
 
 /// Loads a whole checkpoint directory (see [`resolve_dir`] for what `path` may be), verifying
-/// every checksum and that the pieces agree with each other.
+/// every checksum and that the pieces agree with each other, and validating what is loaded
+/// before anything is sized from it: `state.json`'s counters and options within their bounds
+/// and consistent ([`check_state`]), each file no larger than its content can be, the weights
+/// finite, the moments finite with `v` ≥ 0. Errors name the file and the first bad value.
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let dir = resolve_dir(path)?;
     let state = read_state(&dir)?;
@@ -220,8 +229,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
             bail!("{}: no checksum recorded for {name}", dir.join(STATE_FILE).display());
         }
     }
+    check_state(&state).map_err(|e| err!("{}: {e}", dir.join(STATE_FILE).display()))?;
     let model_path = dir.join(MODEL_FILE);
-    let model_bytes = read_file(&model_path)?;
+    let model_bytes = read_safetensors_file(&model_path)?;
     verify_checksum(&model_path, &model_bytes, &state)?;
     let model = deserialize_safetensors(&model_bytes).map_err(|e| e.context(model_path.display()))?;
     if model.config != state.model_config {
@@ -233,7 +243,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         );
     }
     let optim_path = dir.join(OPTIM_FILE);
-    let optim_bytes = read_file(&optim_path)?;
+    let n = model.params.len() as u64;
+    let optim_bytes = read_regular_file(&optim_path, n * 8 + MOMENTS_HEADER_BYTES, "optimizer-state file")?;
     verify_checksum(&optim_path, &optim_bytes, &state)?;
     let (adam_m, adam_v) =
         deserialize_moments(&optim_bytes, model.params.len()).map_err(|e| e.context(optim_path.display()))?;
@@ -351,18 +362,57 @@ pub fn remove_stale_temps(out: &Path) {
     }
 }
 
+/// Checks what `state.json` says before anything is sized from it: the model config and the
+/// options within their bounds, and the counters consistent (`adam_t` ≤ `step` ≤ the total,
+/// the sampler drawing windows of the run's context from its training bytes).
+pub fn check_state(s: &TrainState) -> std::result::Result<(), String> {
+    s.model_config.validate()?;
+    s.options.check_bounds(&s.model_config)?;
+    if s.step > s.options.steps {
+        return Err(format!("step {} is past the run's total of {} steps", s.step, s.options.steps));
+    }
+    if s.adam_t > s.step {
+        return Err(format!(
+            "adam_t {} exceeds step {} (Adam cannot have taken more updates than steps)",
+            s.adam_t, s.step
+        ));
+    }
+    let d = &s.data;
+    if d.bytes > MAX_DATA_BYTES || d.train_bytes.checked_add(d.val_bytes) != Some(d.bytes) {
+        return Err(format!(
+            "data records {} bytes split {} + {} (at most {MAX_DATA_BYTES}, and the parts must add up)",
+            d.bytes, d.train_bytes, d.val_bytes
+        ));
+    }
+    let sm = &s.sampler;
+    if sm.words == [0; 4] || sm.seq_len != s.options.context as u64 || sm.data_len != d.train_bytes {
+        return Err(format!(
+            "sampler state (windows of {} over {} bytes) does not match options.context {} and {} training bytes, \
+             or its words are all zero",
+            sm.seq_len, sm.data_len, s.options.context, d.train_bytes
+        ));
+    }
+    Ok(())
+}
+
 fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);
-    let bytes = read_file(&path)?;
-    let state: TrainState = serde_json::from_slice(&bytes)
-        .map_err(|e| err!("{}: not a valid checkpoint state (truncated or damaged?): {e}", path.display()))?;
+    let bytes = read_regular_file(&path, MAX_STATE_BYTES, "checkpoint state file")?;
+    parse_state(&bytes).map_err(|e| e.context(path.display()))
+}
+
+/// Parses `state.json` bytes and verifies their `self_sha256` (the values are checked by
+/// [`check_state`], which [`load`] calls next).
+pub fn parse_state(bytes: &[u8]) -> Result<TrainState> {
+    let state: TrainState =
+        serde_json::from_slice(bytes).map_err(|e| err!("not a valid checkpoint state (truncated or damaged?): {e}"))?;
     if state.self_sha256.len() != 64 {
-        bail!("{}: missing self_sha256 checksum", path.display());
+        bail!("missing self_sha256 checksum");
     }
-    let zeroed = replace_once(&bytes, state.self_sha256.as_bytes(), ZERO_HASH.as_bytes())
-        .ok_or_else(|| err!("{}: checksum field not found", path.display()))?;
+    let zeroed = replace_once(bytes, state.self_sha256.as_bytes(), ZERO_HASH.as_bytes())
+        .ok_or_else(|| err!("checksum field not found"))?;
     if sha256_hex(&zeroed) != state.self_sha256 {
-        bail!("{}: checksum mismatch (the file is damaged)", path.display());
+        bail!("checksum mismatch (the file is damaged)");
     }
     Ok(state)
 }
@@ -391,16 +441,32 @@ fn serialize_moments(m: &[f32], v: &[f32]) -> Result<Vec<u8>> {
     safetensors::tensor::serialize(views, &None).map_err(|e| err!("cannot serialize optimizer state: {e}"))
 }
 
-fn deserialize_moments(bytes: &[u8], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+/// The AdamW moments `adam.m` and `adam.v` of a model of `n` parameters: exactly those two
+/// tensors, F32 `[n]` each (so the buffers are as large as the input backs), every value
+/// finite and every `v` ≥ 0 (a second moment is a running mean of squares).
+pub fn deserialize_moments(bytes: &[u8], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
-    let read = |name: &str| -> Result<Vec<f32>> {
+    let mut names = st.names();
+    names.sort();
+    if names != ["adam.m", "adam.v"] {
+        bail!("expected exactly the tensors \"adam.m\" and \"adam.v\", found {names:?}");
+    }
+    let read = |name: &str, nonnegative: bool| -> Result<Vec<f32>> {
         let view = st.tensor(name).map_err(|_| err!("missing tensor \"{name}\""))?;
         if view.dtype() != Dtype::F32 || view.shape() != [n] {
             bail!("tensor \"{name}\": {:?} {:?}, expected F32 [{n}]", view.dtype(), view.shape());
         }
-        Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if let Some((i, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite() || (nonnegative && **x < 0.0)) {
+            bail!(
+                "tensor \"{name}\": invalid value {x} at index {i} (must be finite{})",
+                if nonnegative { " and >= 0" } else { "" }
+            );
+        }
+        Ok(values)
     };
-    Ok((read("adam.m")?, read("adam.v")?))
+    Ok((read("adam.m", false)?, read("adam.v", true)?))
 }
 
 fn replace_once(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
@@ -408,15 +474,6 @@ fn replace_once(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> 
     let mut out = haystack.to_vec();
     out[pos..pos + needle.len()].copy_from_slice(with);
     Some(out)
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => bail!("{}: is a directory, expected a file", path.display()),
-        Ok(_) => {}
-        Err(e) => return Err(io_err(path, &e)),
-    }
-    fs::read(path).map_err(|e| io_err(path, &e))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

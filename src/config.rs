@@ -17,6 +17,23 @@ pub struct ModelConfig {
     pub context: usize,
 }
 
+/// Upper bounds on a model's shape, checked by [`ModelConfig::validate`] before anything is
+/// allocated from a config read from a file. They admit every GPT-2 size up to XL (48 layers,
+/// 25 heads, width 1600, context 1024, vocabulary 50257, 1.56e9 parameters) with room to spare,
+/// and refuse the absurd shapes a damaged or hostile file may declare.
+pub const MAX_LAYERS: usize = 128;
+/// See [`MAX_LAYERS`].
+pub const MAX_HEADS: usize = 128;
+/// See [`MAX_LAYERS`].
+pub const MAX_EMBED: usize = 8192;
+/// See [`MAX_LAYERS`].
+pub const MAX_CONTEXT: usize = 8192;
+/// See [`MAX_LAYERS`]: 2^20.
+pub const MAX_VOCAB: usize = 1 << 20;
+/// At most 4·10^9 parameters (16 GB of f32): every field may be within its bound and the
+/// product still absurd.
+pub const MAX_PARAMS: usize = 4_000_000_000;
+
 /// Names of the built-in presets, in size order.
 pub const PRESETS: [&str; 3] = ["tiny", "small", "seed"];
 
@@ -58,10 +75,27 @@ impl ModelConfig {
         if self.vocab == 0 || self.layers == 0 || self.heads == 0 || self.embed == 0 || self.context == 0 {
             return Err(format!("model config has a zero dimension: {self:?}"));
         }
+        for (field, value, max) in [
+            ("layers", self.layers, MAX_LAYERS),
+            ("heads", self.heads, MAX_HEADS),
+            ("embed", self.embed, MAX_EMBED),
+            ("context", self.context, MAX_CONTEXT),
+            ("vocab", self.vocab, MAX_VOCAB),
+        ] {
+            if value > max {
+                return Err(format!("model config: {field} {value} exceeds the limit of {max}"));
+            }
+        }
         if !self.embed.is_multiple_of(self.heads) {
             return Err(format!("model config: heads ({}) must divide embed ({})", self.heads, self.embed));
         }
-        Ok(())
+        match self.checked_num_params() {
+            Some(n) if n <= MAX_PARAMS => Ok(()),
+            n => Err(format!(
+                "model config: {} parameters exceed the limit of {MAX_PARAMS}",
+                n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+            )),
+        }
     }
 
     /// Width of one attention head.
@@ -73,14 +107,56 @@ impl ModelConfig {
     /// per block two LayerNorms (4C), c_attn (3C² + 3C), attn.c_proj (C² + C), c_fc (4C² + 4C)
     /// and mlp.c_proj (4C² + C), and ln_f (2C). The model's parameter layout has exactly these
     /// tensors (a test in `model::params` checks the two agree).
+    /// Saturates at `usize::MAX` for a shape too large to count (never for a config that
+    /// passes [`ModelConfig::validate`]).
     pub fn num_params(&self) -> usize {
+        self.checked_num_params().unwrap_or(usize::MAX)
+    }
+
+    /// [`ModelConfig::num_params`], `None` on overflow (configs read from files are not trusted).
+    pub fn checked_num_params(&self) -> Option<usize> {
         let (v, t, c) = (self.vocab, self.context, self.embed);
-        let per_block = 12 * c * c + 13 * c;
-        v * c + t * c + self.layers * per_block + 2 * c
+        let per_block = c.checked_mul(c)?.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
+        v.checked_mul(c)?
+            .checked_add(t.checked_mul(c)?)?
+            .checked_add(self.layers.checked_mul(per_block)?)?
+            .checked_add(c.checked_mul(2)?)
     }
 
     /// Model FLOPs per trained token (forward + backward): 6·params + 12·layers·context·embed.
     pub fn flops_per_token(&self) -> f64 {
-        6.0 * self.num_params() as f64 + 12.0 * (self.layers * self.context * self.embed) as f64
+        6.0 * self.num_params() as f64 + 12.0 * self.layers as f64 * self.context as f64 * self.embed as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpt2_xl_shape_is_within_the_bounds() {
+        let xl = ModelConfig { vocab: 50257, layers: 48, heads: 25, embed: 1600, context: 1024 };
+        assert_eq!(xl.validate(), Ok(()));
+        assert_eq!(xl.checked_num_params(), Some(1_557_611_200));
+    }
+
+    #[test]
+    fn absurd_shapes_are_refused_by_name_and_never_overflow() {
+        let t = ModelConfig::tiny();
+        for (cfg, field) in [
+            (ModelConfig { layers: 100_000_000, ..t }, "layers 100000000"),
+            (ModelConfig { context: 1_000_000_000, ..t }, "context 1000000000"),
+            (ModelConfig { embed: 1 << 31, heads: 1, ..t }, "embed 2147483648"),
+            (ModelConfig { vocab: 1_000_000_000_000, ..t }, "vocab 1000000000000"),
+            (ModelConfig { heads: 256, embed: 256, ..t }, "heads 256"),
+            (ModelConfig { embed: 8192, heads: 1, layers: 128, ..t }, "parameters exceed"),
+        ] {
+            let e = cfg.validate().unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
+        let huge = ModelConfig { vocab: usize::MAX, layers: usize::MAX, heads: 1, embed: usize::MAX, context: 1 };
+        assert_eq!(huge.checked_num_params(), None);
+        assert_eq!(huge.num_params(), usize::MAX);
+        assert!(huge.flops_per_token().is_finite());
     }
 }

@@ -80,12 +80,16 @@ impl<'a> Generator<'a> {
         })
     }
 
-    /// The next byte, which also joins the window.
-    pub fn next_byte(&mut self) -> u8 {
+    /// The next byte, which also joins the window. Non-finite output probabilities (finite
+    /// but diverged weights can overflow the logits) are an error, not a byte drawn from NaN.
+    pub fn next_byte(&mut self) -> Result<u8> {
         let t = self.window.len();
         let (params, packed) = (&self.model.params, Some(&self.packed));
         forward_with_layout(&self.layout, params, packed, &mut self.acts, &self.window, None, 1, t);
         let probs = self.acts.probs_at(0, t - 1);
+        if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
+            bail!("the model's output is not finite (probability {} of byte {i} after {t} bytes): its weights have diverged", probs[i]);
+        }
         let u = self.rng.next_f64();
         let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u);
         if self.window.len() == self.model.config.context {
@@ -94,7 +98,7 @@ impl<'a> Generator<'a> {
         // The vocabulary is 256 bytes; a larger model vocabulary would be an id we cannot print.
         let byte = u8::try_from(next).unwrap_or(b'?');
         self.window.push(u32::from(byte));
-        byte
+        Ok(byte)
     }
 }
 
@@ -112,7 +116,7 @@ pub fn generate(
     let mut gen = Generator::new(model, prompt, opts)?;
     let mut out = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
-        let b = gen.next_byte();
+        let b = gen.next_byte()?;
         emit(b)?;
         out.push(b);
     }

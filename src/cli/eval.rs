@@ -59,6 +59,15 @@ pub fn run(args: EvalArgs) -> CliResult {
     let result =
         evaluate(&model.config, &model.params, &corpus.bytes, t, args.max_windows.unwrap_or(usize::MAX), threads)
             .map_err(|e| e.context(args.data.display()))?;
+    if !result.loss.is_finite() {
+        return Err(crate::err!(
+            "{}: the loss on {} is {} (the weights have diverged)",
+            model_path.display(),
+            args.data.display(),
+            result.loss
+        )
+        .into());
+    }
     let text = if args.json {
         let obj = EvalJson {
             loss: result.loss,

@@ -55,7 +55,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     if args.prompt.is_empty() {
         usage!("--prompt must not be empty (the model needs at least one byte to continue from)");
     }
-    let (model, _) = load_model(&args.checkpoint)?;
+    let (model, model_path) = load_model(&args.checkpoint)?;
     let opts = SampleOptions { tokens: args.tokens, temperature: args.temperature, top_k: args.top_k, seed: args.seed };
     if !args.no_prompt {
         write_stdout(args.prompt.as_bytes())?;
@@ -72,7 +72,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     match result {
         // A closed pipe (`cllm generate | head -c 50`) is the reader saying it has enough.
         Err(_) if closed => return Ok(()),
-        Err(e) => return Err(Failure::from(e)),
+        Err(e) => return Err(Failure::from(e.context(model_path.display()))),
         Ok(_) => {}
     }
     // The bytes are the output; a newline is added only for a person at a terminal.

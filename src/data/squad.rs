@@ -90,9 +90,12 @@ impl fmt::Display for SquadStats {
 }
 
 /// Converts SQuAD JSON to training text (see the module docs for the layout).
+///
+/// The text repeats each context once per question, so it can be far larger than the JSON: it
+/// is capped at [`super::text::data_file_limit`], the limit on a corpus held in memory.
 pub fn squad_to_text(json_bytes: &[u8]) -> Result<(Vec<u8>, SquadStats)> {
     let mut out = Vec::new();
-    let stats = convert(json_bytes, &mut out).map_err(Failure::into_error)?;
+    let stats = convert(json_bytes, &mut out, super::text::data_file_limit()).map_err(Failure::into_error)?;
     Ok((out, stats))
 }
 
@@ -101,7 +104,7 @@ pub fn squad_to_text(json_bytes: &[u8]) -> Result<(Vec<u8>, SquadStats)> {
 pub fn convert_squad_file(input: &Path, out: &Path) -> Result<SquadStats> {
     let json = super::text::read_nonempty(input)?;
     super::text::write_atomic(out, |w| {
-        convert(&json, w).map_err(|f| match f.kind {
+        convert(&json, w, u64::MAX).map_err(|f| match f.kind {
             FailKind::Io => f.into_error().context(out.display()),
             _ => f.into_error().context(input.display()),
         })
@@ -117,7 +120,7 @@ pub(crate) fn convert_if_squad(raw: &[u8]) -> Result<Option<(Vec<u8>, SquadStats
         return Ok(None);
     }
     let mut out = Vec::new();
-    match convert(raw, &mut out) {
+    match convert(raw, &mut out, super::text::data_file_limit()) {
         Ok(stats) => Ok(Some((out, stats))),
         Err(f) if !f.shaped && matches!(f.kind, FailKind::NotSquad | FailKind::Syntax) => Ok(None),
         Err(f) => Err(f.into_error()),
@@ -193,6 +196,8 @@ struct Conv<'o> {
     pending: Option<Pending>,
     expect: Option<Expect>,
     shaped: bool,
+    /// Most bytes of text written before the conversion fails.
+    limit: u64,
 }
 
 impl Conv<'_> {
@@ -237,6 +242,12 @@ impl Conv<'_> {
 
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stats.bytes += bytes.len() as u64;
+        if self.stats.bytes > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the text exceeds {} bytes, the most a corpus may hold in memory",
+                self.limit
+            )));
+        }
         self.out.write_all(bytes)
     }
 
@@ -287,7 +298,7 @@ fn offset_matches(context: &str, text: &str, start: Option<i64>) -> bool {
     byte.is_some_and(|b| context[b..].starts_with(text))
 }
 
-fn convert(json: &[u8], out: &mut dyn Write) -> std::result::Result<SquadStats, Failure> {
+fn convert(json: &[u8], out: &mut dyn Write, limit: u64) -> std::result::Result<SquadStats, Failure> {
     let mut conv = Conv {
         out,
         stats: SquadStats::default(),
@@ -295,6 +306,7 @@ fn convert(json: &[u8], out: &mut dyn Write) -> std::result::Result<SquadStats, 
         pending: None,
         expect: None,
         shaped: false,
+        limit,
     };
     let mut de = serde_json::Deserializer::from_slice(strip_bom(json));
     let result = TopSeed { c: &mut conv }.deserialize(&mut de).and_then(|()| de.end());

@@ -4,23 +4,68 @@
 //! good a corpus as any, and decoding would only add a failure mode.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Reads a whole data file, refusing what cannot be a corpus.
+/// The largest data file read into memory: 4 GiB (and never more than `MemAvailable`, see
+/// [`data_file_limit`]). The corpus is held whole, so a larger one needs another design.
+pub const MAX_DATA_BYTES: u64 = 4 << 30;
+
+/// The cap on a data file here and now: [`MAX_DATA_BYTES`], lowered to the memory the kernel
+/// reports available (`MemAvailable` in `/proc/meminfo`, where there is one).
+pub fn data_file_limit() -> u64 {
+    mem_available().map_or(MAX_DATA_BYTES, |m| m.min(MAX_DATA_BYTES))
+}
+
+/// `MemAvailable` in bytes, `None` where `/proc/meminfo` does not say.
+pub fn mem_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// Reads a whole data file, refusing what cannot be a corpus: anything but a regular file
+/// (a FIFO would block, `/dev/zero` never ends), an empty file, one over [`data_file_limit`].
 ///
 /// Each error is one line starting with the path, since it is shown to the user as is.
 pub fn read_nonempty(path: &Path) -> Result<Vec<u8>> {
-    let shown = path.display();
-    let meta = fs::metadata(path).map_err(|e| io_error(path, &e))?;
-    if meta.is_dir() {
-        crate::bail!("{shown}: is a directory, expected a data file");
-    }
-    let bytes = fs::read(path).map_err(|e| io_error(path, &e))?;
+    let bytes = read_regular_file(path, data_file_limit(), "data file")?;
     if bytes.is_empty() {
-        crate::bail!("{shown}: file is empty");
+        crate::bail!("{}: file is empty", path.display());
+    }
+    Ok(bytes)
+}
+
+/// Reads `path` whole if it is a regular file of at most `max` bytes. The type and size are
+/// checked with `stat` before the file is opened (opening a FIFO with no writer blocks
+/// forever), again on the opened file, and the read itself stops after `max + 1` bytes, so a
+/// file that grows meanwhile is refused too. `what` names the file's role in messages.
+pub fn read_regular_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
+    let shown = path.display();
+    let check = |meta: &fs::Metadata| -> Result<()> {
+        if meta.is_dir() {
+            crate::bail!("{shown}: is a directory, expected a {what}");
+        }
+        if !meta.is_file() {
+            crate::bail!("{shown}: not a regular file (a FIFO, device or socket cannot be read as a {what})");
+        }
+        if meta.len() > max {
+            crate::bail!("{shown}: {} bytes, more than the {max} bytes allowed for a {what}", meta.len());
+        }
+        Ok(())
+    };
+    check(&fs::metadata(path).map_err(|e| io_error(path, &e))?)?;
+    let file = File::open(path).map_err(|e| io_error(path, &e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, &e))?;
+    check(&meta)?;
+    // The capacity is the checked length: at most `max`.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| io_error(path, &e))?;
+    if bytes.len() as u64 > max {
+        crate::bail!("{shown}: grew past the {max} bytes allowed for a {what} while being read");
     }
     Ok(bytes)
 }

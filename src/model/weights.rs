@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::{bail, err};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Metadata key holding the config JSON.
@@ -77,43 +77,102 @@ pub fn save_safetensors(path: &Path, model: &Model) -> Result<()> {
 
 /// Reads a model from `path`; errors name the file and the offending tensor.
 pub fn load_safetensors(path: &Path) -> Result<Model> {
-    if path.is_dir() {
-        bail!("{}: is a directory, expected a .safetensors file", path.display());
-    }
-    let bytes = std::fs::read(path).map_err(|e| err!("cannot read {}: {e}", path.display()))?;
+    let bytes = read_safetensors_file(path)?;
     deserialize_safetensors(&bytes).map_err(|e| e.context(path.display()))
 }
 
-/// Parses safetensors bytes into a model, checking names, shapes, dtype and finiteness.
-pub fn deserialize_safetensors(bytes: &[u8]) -> Result<Model> {
-    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
+/// The safetensors header fields cllm reads before the whole file: only the metadata.
+#[derive(serde::Deserialize)]
+struct HeaderMetadata {
+    #[serde(rename = "__metadata__")]
+    metadata: Option<HashMap<String, String>>,
+}
+
+/// Largest safetensors header read (the `safetensors` crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads a model file whole, but only after its header's config has passed
+/// [`ModelConfig::validate`] and the file's length is at most what that config's tensors (plus
+/// the ignored buffers other tools add) can occupy: nothing is allocated from a declared size
+/// that the file on disk does not back. Only regular files are read (a FIFO would block).
+pub fn read_safetensors_file(path: &Path) -> Result<Vec<u8>> {
+    let shown = path.display();
+    let (header, header_len) = read_header(path)?;
+    let config = config_from_metadata(header.metadata.as_ref()).map_err(|e| e.context(&shown))?;
+    let cap = max_file_bytes(&config, header_len)
+        .ok_or_else(|| err!("{shown}: metadata \"{CONFIG_KEY}\": the model is too large to load"))?;
+    let what = format!("model file of config {}", config_summary(&config));
+    crate::data::text::read_regular_file(path, cap, &what)
+}
+
+/// The header of the safetensors file `path` and its length, read with a bounded buffer.
+fn read_header(path: &Path) -> Result<(HeaderMetadata, u64)> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| crate::data::text::io_error(path, &e))?;
+    if meta.is_dir() {
+        bail!("{shown}: is a directory, expected a .safetensors file");
+    }
+    if !meta.is_file() {
+        bail!("{shown}: not a regular file (a FIFO, device or socket cannot be read as a model file)");
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| crate::data::text::io_error(path, &e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| err!("{shown}: not a valid safetensors file: shorter than its 8-byte header length"))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES || n > meta.len().saturating_sub(8) {
+        bail!("{shown}: not a valid safetensors file: header length {n} exceeds the file ({} bytes) or {MAX_HEADER_BYTES}", meta.len());
+    }
+    let mut header = Vec::with_capacity(n as usize);
+    file.take(n).read_to_end(&mut header).map_err(|e| crate::data::text::io_error(path, &e))?;
+    let parsed =
+        serde_json::from_slice(&header).map_err(|e| err!("{shown}: not a valid safetensors file: header: {e}"))?;
+    Ok((parsed, n))
+}
+
+/// The bytes a model file of `config` with a header of `header_len` bytes may hold at most:
+/// its F32 tensors, plus what GPT-2 exports add and the loader ignores (per layer `attn.bias`
+/// and `attn.masked_bias`, each at most context² values, and an untied `lm_head.weight`).
+fn max_file_bytes(config: &ModelConfig, header_len: u64) -> Option<u64> {
+    let params = u64::try_from(config.checked_num_params()?).ok()?;
+    let t = config.context as u64;
+    let masks = (config.layers as u64).checked_mul(2)?.checked_mul(t.checked_mul(t)?)?;
+    let head = (config.vocab as u64).checked_mul(config.embed as u64)?;
+    let floats = params.checked_add(masks)?.checked_add(head)?;
+    floats.checked_mul(4)?.checked_add(header_len)?.checked_add(8)
+}
+
+/// The config stored under [`CONFIG_KEY`], parsed and within the bounds.
+fn config_from_metadata(metadata: Option<&HashMap<String, String>>) -> Result<ModelConfig> {
     let config_json = metadata
-        .metadata()
-        .as_ref()
         .and_then(|m| m.get(CONFIG_KEY))
         .ok_or_else(|| err!("missing metadata key \"{CONFIG_KEY}\" (the model config as JSON)"))?;
     let config: ModelConfig =
         serde_json::from_str(config_json).map_err(|e| err!("metadata \"{CONFIG_KEY}\" is not a valid config: {e}"))?;
     config.validate().map_err(|e| err!("metadata \"{CONFIG_KEY}\": {e}"))?;
-    let layout = ParamLayout::new(&config);
-    let mut params = vec![0.0f32; layout.num_params()];
+    Ok(config)
+}
 
-    // Accept the `transformer.` prefix that GPT2LMHeadModel exports use.
-    let mut by_name: HashMap<String, TensorView> = HashMap::new();
-    for (name, view) in st.tensors() {
-        let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
-        if IGNORED_NAMES.contains(&short.as_str()) || IGNORED_SUFFIXES.iter().any(|s| short.ends_with(s)) {
-            continue;
-        }
-        if layout.get(&short).is_none() {
-            bail!("unexpected tensor \"{name}\" for config {}", config_summary(&config));
-        }
-        by_name.insert(short, view);
-    }
+/// Parses safetensors bytes into a model, checking names, shapes, dtype and finiteness.
+///
+/// The `safetensors` crate checks that the tensors' byte ranges tile the data section exactly
+/// (contiguous from 0, each range the size its shape and dtype give, overflow-checked, ending
+/// at the end of the buffer). Here: the config is within [`ModelConfig::validate`]'s bounds,
+/// every name (after stripping `transformer.`) is known and given once, every tensor of the
+/// layout is present as F32 of the right shape, and their values sum to the config's parameter
+/// count, all before the parameter buffer is allocated, so it never exceeds the input's size.
+/// Tensors are visited in name order: nothing depends on hash-map iteration order.
+pub fn deserialize_safetensors(bytes: &[u8]) -> Result<Model> {
+    let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
+    let config = config_from_metadata(metadata.metadata().as_ref())?;
+    let layout = ParamLayout::new(&config);
+    let by_name = tensors_by_name(&st, &layout, &config)?;
+    let mut total = 0usize;
     for spec in &layout.tensors {
         let view = by_name
-            .get(&spec.name)
+            .get(spec.name.as_str())
             .ok_or_else(|| err!("missing tensor \"{}\" (expected shape {:?})", spec.name, spec.shape))?;
         if view.dtype() != Dtype::F32 {
             bail!("tensor \"{}\": dtype {:?}, expected F32", spec.name, view.dtype());
@@ -121,6 +180,14 @@ pub fn deserialize_safetensors(bytes: &[u8]) -> Result<Model> {
         if view.shape() != spec.shape.as_slice() {
             bail!("tensor \"{}\": shape {:?}, expected {:?}", spec.name, view.shape(), spec.shape);
         }
+        total = total.checked_add(view.data().len() / 4).ok_or_else(|| err!("tensor sizes overflow"))?;
+    }
+    if total != layout.num_params() || total.checked_mul(4).is_none_or(|b| b > bytes.len()) {
+        bail!("the tensors hold {total} values, the config {} needs {}", config_summary(&config), layout.num_params());
+    }
+    let mut params = vec![0.0f32; layout.num_params()];
+    for spec in &layout.tensors {
+        let view = &by_name[spec.name.as_str()];
         let dst = &mut params[spec.range()];
         for (i, (d, chunk)) in dst.iter_mut().zip(view.data().chunks_exact(4)).enumerate() {
             let x = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
@@ -131,6 +198,34 @@ pub fn deserialize_safetensors(bytes: &[u8]) -> Result<Model> {
         }
     }
     Ok(Model { config, layout, params })
+}
+
+/// The tensors of `st` the layout uses, by short name (the `transformer.` prefix that
+/// GPT2LMHeadModel exports use stripped). Two tensors with the same short name are an error:
+/// which one to use would be a guess.
+fn tensors_by_name<'a>(
+    st: &'a SafeTensors<'a>,
+    layout: &ParamLayout,
+    config: &ModelConfig,
+) -> Result<BTreeMap<String, TensorView<'a>>> {
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut by_name: BTreeMap<String, TensorView<'a>> = BTreeMap::new();
+    let mut full_names: BTreeMap<String, String> = BTreeMap::new();
+    for (name, view) in tensors {
+        let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
+        if IGNORED_NAMES.contains(&short.as_str()) || IGNORED_SUFFIXES.iter().any(|s| short.ends_with(s)) {
+            continue;
+        }
+        if layout.get(&short).is_none() {
+            bail!("unexpected tensor \"{name}\" for config {}", config_summary(config));
+        }
+        if let Some(first) = full_names.insert(short.clone(), name.clone()) {
+            bail!("tensors \"{first}\" and \"{name}\" both give \"{short}\": which one to use is ambiguous");
+        }
+        by_name.insert(short, view);
+    }
+    Ok(by_name)
 }
 
 fn config_summary(c: &ModelConfig) -> String {

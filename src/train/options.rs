@@ -38,6 +38,18 @@ pub const DEFAULT_SAVE_EVERY: u64 = 200;
 /// Checkpoints kept by default (0: all).
 pub const DEFAULT_KEEP: usize = 3;
 
+/// Upper bounds on the counts a run sizes memory or loops from, checked by
+/// [`RunOptions::check_bounds`] whenever options are read from a checkpoint's `state.json`, so
+/// a damaged or hostile file is refused before anything is allocated from it. They are far
+/// above any run on one machine (the presets use batch 4 to 8, 2000 steps, 32 windows).
+pub const MAX_BATCH: usize = 1 << 16;
+/// See [`MAX_BATCH`]: batch × context, the tokens of one step.
+pub const MAX_TOKENS_PER_STEP: usize = 1 << 20;
+/// See [`MAX_BATCH`].
+pub const MAX_STEPS: u64 = 1 << 40;
+/// See [`MAX_BATCH`].
+pub const MAX_EVAL_WINDOWS: usize = 1 << 20;
+
 /// The training options of a run, as recorded in `state.json`. Enumerations are stored by
 /// their command-line spelling (`"segmented"`, `"per-sphere"`, `"cosine"`), so the file reads
 /// the same as the command that made it.
@@ -70,6 +82,47 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
+    /// Checks every count against its bound and the options against each other and the model
+    /// (`context` ≤ the model's context, `spheres` divides `batch`, `warmup_steps` ≤ `steps`,
+    /// finite rates); the error names the first bad field.
+    pub fn check_bounds(&self, model: &crate::config::ModelConfig) -> Result<(), String> {
+        let counts: [(&str, u64, u64); 6] = [
+            ("context", self.context as u64, model.context as u64),
+            ("batch", self.batch as u64, MAX_BATCH as u64),
+            ("spheres", self.spheres as u64, self.batch as u64),
+            ("threads", self.threads as u64, super::MAX_THREADS as u64),
+            ("steps", self.steps, MAX_STEPS),
+            ("eval_windows", self.eval_windows as u64, MAX_EVAL_WINDOWS as u64),
+        ];
+        for (field, value, max) in counts {
+            if !(1..=max).contains(&value) {
+                return Err(format!("options.{field} is {value}, must be between 1 and {max}"));
+            }
+        }
+        if self.batch.checked_mul(self.context).is_none_or(|n| n > MAX_TOKENS_PER_STEP) {
+            return Err(format!(
+                "options.batch {} × context {} exceeds {MAX_TOKENS_PER_STEP} tokens a step",
+                self.batch, self.context
+            ));
+        }
+        if !self.batch.is_multiple_of(self.spheres) {
+            return Err(format!("options.spheres {} does not divide batch {}", self.spheres, self.batch));
+        }
+        if self.warmup_steps > self.steps {
+            return Err(format!("options.warmup_steps {} exceeds steps {}", self.warmup_steps, self.steps));
+        }
+        let finite = [
+            ("lr", self.lr > 0.0 && self.lr.is_finite()),
+            ("min_lr_ratio", (0.0..=1.0).contains(&self.min_lr_ratio)),
+            ("clip_norm", self.clip_norm >= 0.0 && self.clip_norm.is_finite()),
+            ("val_fraction", (0.0..1.0).contains(&self.val_fraction)),
+        ];
+        match finite.iter().find(|(_, ok)| !ok) {
+            Some((field, _)) => Err(format!("options.{field} is out of range")),
+            None => Ok(()),
+        }
+    }
+
     /// The engine's options for this run; `inject_nan` (fault injection, never recorded in a
     /// checkpoint) comes from the command line.
     pub fn trainer_options(&self, inject_nan: Vec<(u64, usize)>) -> TrainerOptions {

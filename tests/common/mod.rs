@@ -54,3 +54,38 @@ pub fn step_dirs(out: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// `state.json` bytes after `edit`, with `self_sha256` recomputed the way `checkpoint::save`
+/// computes it (the SHA-256 of the file with that field set to 64 zeros), so that only the
+/// validation of the values can catch the change.
+pub fn resign_state_json(raw: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut st: serde_json::Value = serde_json::from_slice(raw).expect("state.json is JSON");
+    edit(&mut st);
+    let zeros = "0".repeat(64);
+    st["self_sha256"] = zeros.clone().into();
+    let mut json = serde_json::to_vec_pretty(&st).expect("serializes");
+    json.push(b'\n');
+    let hash = cllm::data::sha256_hex(&json);
+    String::from_utf8(json).expect("JSON is UTF-8").replacen(&zeros, &hash, 1).into_bytes()
+}
+
+/// A safetensors file's tensors (name, dtype, shape, bytes), in name order, and its metadata.
+pub type TensorList = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+pub fn tensor_parts(bytes: &[u8]) -> (TensorList, std::collections::HashMap<String, String>) {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).expect("valid safetensors");
+    let st = safetensors::SafeTensors::deserialize(bytes).expect("valid safetensors");
+    let mut list: TensorList =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    (list, meta.metadata().clone().unwrap_or_default())
+}
+
+/// The safetensors bytes of `list` with `meta`.
+pub fn tensor_bytes(list: &TensorList, meta: &std::collections::HashMap<String, String>) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = list
+        .iter()
+        .map(|(n, d, sh, data)| (n.clone(), safetensors::tensor::TensorView::new(*d, sh.clone(), data).expect("view")))
+        .collect();
+    safetensors::tensor::serialize(views, &Some(meta.clone())).expect("serializes")
+}
