@@ -11,7 +11,7 @@ fn tiny_args(out: &std::path::Path) -> BenchArgs {
         threads: vec![1, 2],
         steps: 2,
         warmup: 1,
-        out: out.to_path_buf(),
+        out: Some(out.to_path_buf()),
         ceiling_ms: 5,
         quiet: true,
         ..BenchArgs::default()
@@ -177,4 +177,40 @@ fn fast_profiles_keep_sampling_until_min_seconds() {
     assert!(summary.seconds >= 0.5, "{summary:?}");
     assert!(summary.steps > 5, "kept stepping past --steps: {summary:?}");
     assert!(summary.samples >= 10, "enough samples to draw: {summary:?}");
+}
+
+#[test]
+fn bench_and_profile_without_out_write_new_numbered_runs_and_leave_results_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results");
+    std::fs::create_dir(&results).expect("results dir");
+    std::fs::write(results.join("scaling.json"), "committed").expect("committed report");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_cllm"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .expect("the cllm binary runs");
+        assert!(o.status.success(), "cllm {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let bench = ["bench", "--config", "tiny", "--threads", "1", "--strategies", "segmented", "--steps", "1"];
+    let quick = ["--warmup", "0", "--ceiling-ms", "5", "--quiet"];
+    run(&[&bench[..], &quick[..]].concat());
+    run(&[&bench[..], &quick[..]].concat());
+    let profile = ["profile", "--config", "tiny", "--threads", "1", "--steps", "1", "--warmup", "0"];
+    run(&[&profile[..], &["--min-seconds", "0.2", "--quiet"]].concat());
+
+    let runs = dir.path().join("runs");
+    for d in ["bench-001", "bench-002"] {
+        for f in ["scaling.json", "scaling.md", "scaling.svg"] {
+            assert!(runs.join(d).join(f).is_file(), "runs/{d}/{f} written");
+        }
+    }
+    let svg = std::fs::read_to_string(runs.join("profile-001.svg")).expect("runs/profile-001.svg written");
+    // .ci/run's check of a release-build flamegraph (no debug info): an SVG over 1000 bytes.
+    assert!(svg.contains("<svg") && svg.len() > 1000, "a flamegraph of {} bytes", svg.len());
+    let left: Vec<_> =
+        std::fs::read_dir(&results).expect("results").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert_eq!(left, ["scaling.json"], "results/ untouched");
+    assert_eq!(std::fs::read_to_string(results.join("scaling.json")).expect("read"), "committed");
 }

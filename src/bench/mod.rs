@@ -38,6 +38,9 @@ use crate::train::MAX_THREADS;
 
 /// Measure training throughput for each strategy and thread count, against the machine's
 /// ceiling, and write DIR/scaling.{json,md,svg}.
+///
+/// Without --out the report goes to a new runs/bench-NNN, never over the committed reports in
+/// results/ (scripts/bench.sh regenerates those, passing --out).
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Model preset: tiny, small, seed.
@@ -67,9 +70,10 @@ pub struct BenchArgs {
         "Spheres (microbatches per step). [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
     ))]
     pub spheres: Option<usize>,
-    /// Directory for scaling.json, scaling.md and scaling.svg (use one per config).
-    #[arg(long, value_name = "DIR", default_value = "results")]
-    pub out: PathBuf,
+    /// Directory for scaling.json, scaling.md and scaling.svg (use one per config). [default: a
+    /// new runs/bench-NNN]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
     /// Also print scaling.json to stdout.
     #[arg(long)]
     pub json: bool,
@@ -415,17 +419,27 @@ pub fn check_bench_args(args: &BenchArgs) -> Result<()> {
     plan(args).map(|_| ())
 }
 
-/// `cllm bench`: measures the matrix and writes the report into `args.out`.
+/// The directory a bench run writes to: `--out`, or the first free `runs/bench-NNN`.
+pub fn bench_out(args: &BenchArgs) -> Result<PathBuf> {
+    match &args.out {
+        Some(dir) => Ok(dir.clone()),
+        None => crate::cli::next_numbered(std::path::Path::new(crate::cli::train::RUNS_DIR), "bench", ""),
+    }
+}
+
+/// `cllm bench`: measures the matrix and writes the report into [`bench_out`] (chosen after
+/// measuring, so two runs started together still get a directory each).
 pub fn run_bench(args: &BenchArgs) -> Result<()> {
     let report = measure(args)?;
-    report::write_all(&args.out, &report)?;
+    let dir = bench_out(args)?;
+    report::write_all(&dir, &report)?;
     if args.json {
         let text = report::to_json(&report)?;
         let mut out = std::io::stdout().lock();
         std::io::Write::write_all(&mut out, text.as_bytes()).map_err(|e| crate::err!("cannot write to stdout: {e}"))?;
     }
     if !args.quiet {
-        let [j, m, s] = report::paths(&args.out);
+        let [j, m, s] = report::paths(&dir);
         eprintln!("[bench] wrote {}, {}, {}", j.display(), m.display(), s.display());
     }
     Ok(())

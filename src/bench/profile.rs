@@ -46,7 +46,7 @@ pub struct ProfileArgs {
     /// Samples per second per thread (a prime avoids beating with periodic work).
     #[arg(long, value_name = "HZ", default_value_t = 997)]
     pub frequency: i32,
-    /// The flamegraph SVG. [default: results/flamegraph_CONFIG.svg]
+    /// The flamegraph SVG. [default: a new runs/profile-NNN.svg]
     #[arg(long, value_name = "FILE.svg")]
     pub out: Option<PathBuf>,
     /// No summary line on stderr.
@@ -61,9 +61,13 @@ impl Default for ProfileArgs {
     }
 }
 
-/// The output path a profile run writes to.
-pub fn profile_out(args: &ProfileArgs) -> PathBuf {
-    args.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/flamegraph_{}.svg", args.config)))
+/// The output path a profile run writes to: `--out`, or the first free `runs/profile-NNN.svg`
+/// (never the committed `results/`, which `scripts/bench.sh` regenerates with `--out`).
+pub fn profile_out(args: &ProfileArgs) -> Result<PathBuf> {
+    match &args.out {
+        Some(out) => Ok(out.clone()),
+        None => crate::cli::next_numbered(std::path::Path::new(crate::cli::train::RUNS_DIR), "profile", ".svg"),
+    }
 }
 
 /// The validated settings of a profile run.
@@ -72,6 +76,7 @@ struct Resolved {
     batch: usize,
     threads: usize,
     strategy: Strategy,
+    out: PathBuf,
 }
 
 fn resolve(args: &ProfileArgs) -> Result<Resolved> {
@@ -91,11 +96,11 @@ fn resolve(args: &ProfileArgs) -> Result<Resolved> {
         Some(s) => parse_strategy("--strategy", s)?,
         None => Strategy::default(),
     };
-    let out = profile_out(args);
+    let out = profile_out(args)?;
     if out.is_dir() {
         crate::bail!("--out {}: is a directory", out.display());
     }
-    Ok(Resolved { cfg, batch, threads, strategy })
+    Ok(Resolved { cfg, batch, threads, strategy, out })
 }
 
 /// Checks the options without running anything (usage errors for the CLI).
@@ -118,8 +123,7 @@ pub struct ProfileSummary {
 /// sampler, and writes the flamegraph atomically. A run that collected no samples is an error
 /// (an empty flamegraph would look like a result).
 pub fn run_profile(args: &ProfileArgs) -> Result<ProfileSummary> {
-    let Resolved { cfg, batch, threads, strategy } = resolve(args)?;
-    let out = profile_out(args);
+    let Resolved { cfg, batch, threads, strategy, out } = resolve(args)?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| crate::err!("cannot create {}: {e}", dir.display()))?;
     }

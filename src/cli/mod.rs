@@ -9,11 +9,13 @@
 
 pub mod eval;
 pub mod generate;
+pub mod plot;
 pub mod prep;
 pub mod train;
 
 use std::fmt;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -60,6 +62,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Write a flamegraph of training steps (pprof).
     Profile(crate::bench::ProfileArgs),
+    /// Draw a --metrics file as an SVG: losses, tokens/s, gradient norm, skipped micro-batches.
+    Plot(plot::PlotArgs),
 }
 
 /// An error with its exit code.
@@ -130,7 +134,22 @@ pub fn dispatch(cli: Cli) -> CliResult {
             crate::bench::check_profile_args(&args).map_err(|e| Failure::usage(e.0))?;
             crate::bench::run_profile(&args).map(|_| ()).map_err(Failure::from)
         }
+        Command::Plot(args) => plot::run(args),
     }
+}
+
+/// The first free `ROOT/PREFIX-NNN[SUFFIX]`, numbered from 001: where `cllm train`
+/// (`runs/run-NNN`), `cllm bench` (`runs/bench-NNN`) and `cllm profile` (`runs/profile-NNN.svg`)
+/// write when not given `--out`, so no run overwrites another's output or a committed report.
+/// Nothing is created here (a dry run must not write anything); the caller creates it.
+pub fn next_numbered(root: &Path, prefix: &str, suffix: &str) -> crate::Result<PathBuf> {
+    for i in 1..100_000u32 {
+        let p = root.join(format!("{prefix}-{i:03}{suffix}"));
+        if !p.exists() {
+            return Ok(p);
+        }
+    }
+    crate::bail!("{}: no free {prefix}-NNN{suffix} name; pass --out", root.display())
 }
 
 /// Prints `error: <message>` as a single line: any newline inside the message (from a

@@ -504,13 +504,7 @@ fn parse_inject(s: &str) -> CliResult<(u64, usize)> {
 
 /// The first free `runs/run-NNN` (not created here: a dry run must not write anything).
 fn next_run_dir(root: &Path) -> CliResult<PathBuf> {
-    for i in 1..100_000u32 {
-        let p = root.join(format!("run-{i:03}"));
-        if !p.exists() {
-            return Ok(p);
-        }
-    }
-    usage!("{}: no free run-NNN name; pass --out", root.display())
+    super::next_numbered(root, "run", "").map_err(|e| Failure::usage(e.0))
 }
 
 fn print_plan(plan: &Plan, json: bool) -> CliResult {
