@@ -17,6 +17,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 mkdir "$scratch/bin"
 ln -s "$root/target/release/cllm" "$scratch/bin/cllm"
+ln -s "$root/data" "$scratch/data"  # what the eval example reads
 
 # The commands of example NAME (its `$ ` lines without the `$ `), one a line.
 commands_of() {
@@ -67,7 +68,7 @@ if [ "${1:-}" = "--all" ]; then
     echo "default run: $(($(date +%s) - start)) s wall" >&2
     out="$scratch/train-default"
     {
-        head -n 2 "$out"
+        grep -m1 "^step " "$out"
         echo '...'
         sed -n '/^step 2000\/2000/,/^sample (/p' "$out"
         sed -n '/^sample (/{n;p;q}' "$out"

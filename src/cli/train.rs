@@ -31,6 +31,8 @@ use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
 
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;
+/// `--sample-every` when not given: no samples during training.
+pub const DEFAULT_SAMPLE_EVERY: u64 = 0;
 /// Bytes in each `--sample-every` sample.
 pub const TRAIN_SAMPLE_BYTES: usize = 64;
 /// More passes than this over the training text draw a warning (a small model starts to learn
@@ -150,7 +152,7 @@ pub struct TrainArgs {
     pub eval_windows: Option<usize>,
     #[arg(long, value_name = "N", help_heading = "Output", help = format!(
         "Every N steps, print a {TRAIN_SAMPLE_BYTES}-byte sample from a newline prompt (seeded with --seed; \
-         also written to --metrics). 0: never. [default: 0]"
+         also written to --metrics). 0: never. [default: {DEFAULT_SAMPLE_EVERY}]"
     ))]
     pub sample_every: Option<u64>,
     /// Write one JSON object per step to FILE (appended to when resuming).
@@ -211,7 +213,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
     if !args.quiet {
         warn_epochs(&corpus, &options)?;
     }
-    let samples = args.sample_every.filter(|&n| n > 0).map(|every| SampleSpec {
+    let samples = Some(args.sample_every.unwrap_or(DEFAULT_SAMPLE_EVERY)).filter(|&n| n > 0).map(|every| SampleSpec {
         every,
         prompt: b"\n".to_vec(),
         opts: SampleOptions {
@@ -599,6 +601,7 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
         "val_fraction": o.val_fraction,
         "eval_every": o.eval_every,
         "eval_windows": o.eval_windows,
+        "sample_every": s.samples.as_ref().map_or(DEFAULT_SAMPLE_EVERY, |x| x.every),
         "save_every": o.save_every,
         "keep": o.keep,
         "out": s.out.display().to_string(),
