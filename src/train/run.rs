@@ -146,7 +146,8 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
         };
         let tokens_per_s = tokens_per_step as f64 / dt.as_secs_f64().max(1e-9);
         reporter.step(&StepOutcome { step, report: &report, lr, val, dt, tokens_per_s })?;
-        if let Some(v) = val.filter(|v| tally.best.as_ref().is_none_or(|(_, b)| v.loss < b.loss)) {
+        if let Some(v) = val.filter(|v| v.loss.is_finite() && tally.best.as_ref().is_none_or(|(_, b)| v.loss < b.loss))
+        {
             let dir = saver.save(&trainer, &sampler, step, report.loss, Some(v.loss), true)?;
             reporter.saved_best(&dir, step, &v);
             tally.best = Some((dir, v));
