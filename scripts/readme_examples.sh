@@ -68,6 +68,7 @@ if [ "${1:-}" = "--all" ]; then
     echo "default run: $(($(date +%s) - start)) s wall" >&2
     out="$scratch/train-default"
     {
+        head -n 1 "$out"
         grep -m1 "^step " "$out"
         echo '...'
         sed -n '/^step 2000\/2000/,/^sample (/p' "$out"
