@@ -27,6 +27,16 @@
 //! to `.pruned-step-NNNNNN-<pid>`: deleting a directory takes one call per file, and a run
 //! killed in the middle of that would otherwise leave a `step-*` directory with only some of
 //! its files (seen in CI: `state.json` gone, the weights still there).
+//!
+//! # The best checkpoint
+//!
+//! [`save_best`] keeps `OUT/best/`, a full checkpoint (same files, resumable) of the step with
+//! the lowest periodic validation loss so far. It is written like a step checkpoint, into
+//! `.tmp-best-<pid>`; an existing `best/` is renamed to `.replaced-best-<pid>` before the new
+//! one is renamed into place and deleted only after, so there is always a whole `best/` (or,
+//! before the first, none). [`list`] and [`prune`] see only `step-*` names, so `--keep` never
+//! deletes `best/`, and a run directory given to eval, generate or `--resume` still means its
+//! newest `step-*`; `OUT/best` is accepted explicitly like any checkpoint directory.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -53,6 +63,8 @@ pub const OPTIM_FILE: &str = "state.safetensors";
 pub const STATE_FILE: &str = "state.json";
 /// Version of the checkpoint layout; bumped when an old reader could misread a new one.
 pub const FORMAT_VERSION: u32 = 1;
+/// The best-validation checkpoint's directory in a run directory.
+pub const BEST_DIR: &str = "best";
 /// The version string recorded in checkpoints and printed by `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit the binary was built from ("unknown" outside a git checkout).
@@ -254,14 +266,38 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 /// Writes a checkpoint of `state.step` into `out` atomically (see the module docs) and returns
 /// its directory. `state.files` and `state.self_sha256` are filled in here. A checkpoint of the
 /// same step already in `out` is replaced.
-pub fn save(out: &Path, mut state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
-    fs::create_dir_all(out).map_err(|e| io_err(out, &e))?;
+pub fn save(out: &Path, state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
+    save_as(out, &name, state, model, adam_m, adam_v)
+}
+
+/// Writes the checkpoint of `state.step` as `OUT/best/`, replacing the one there atomically
+/// (see the module docs), and returns its directory.
+pub fn save_best(out: &Path, state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
+    save_as(out, BEST_DIR, state, model, adam_m, adam_v)
+}
+
+/// The periodic validation loss recorded in `OUT/best/state.json` and the `--eval-windows` it
+/// was measured with, if there is a readable one.
+pub fn best_val_loss(out: &Path) -> Option<(f32, usize)> {
+    let state = read_state(&out.join(BEST_DIR)).ok()?;
+    Some((state.val_loss?, state.options.eval_windows))
+}
+
+fn save_as(
+    out: &Path,
+    name: &str,
+    mut state: TrainState,
+    model: &Model,
+    adam_m: &[f32],
+    adam_v: &[f32],
+) -> Result<PathBuf> {
+    fs::create_dir_all(out).map_err(|e| io_err(out, &e))?;
     let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
     }
-    let result = write_into(&tmp, &mut state, model, adam_m, adam_v).and_then(|()| publish(out, &tmp, &name));
+    let result = write_into(&tmp, &mut state, model, adam_m, adam_v).and_then(|()| publish(out, &tmp, name));
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
@@ -341,7 +377,8 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
 }
 
 /// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID`,
-/// `.replaced-step-*-PID` and `.pruned-step-*-PID` whose process is gone). Only done where
+/// `.replaced-step-*-PID`, `.pruned-step-*-PID`, `.tmp-best-PID` and `.replaced-best-PID`
+/// whose process is gone). Only done where
 /// `/proc` tells whether a process lives; elsewhere they are left alone, which is harmless.
 pub fn remove_stale_temps(out: &Path) {
     let proc_root = Path::new("/proc/self");
@@ -352,7 +389,10 @@ pub fn remove_stale_temps(out: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if ![".tmp-step-", ".replaced-step-", ".pruned-step-"].iter().any(|p| name.starts_with(p)) {
+        if ![".tmp-step-", ".replaced-step-", ".pruned-step-", ".tmp-best-", ".replaced-best-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
             continue;
         }
         let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
@@ -554,5 +594,26 @@ mod tests {
         assert_eq!(list(out).unwrap().len(), 1);
         remove_stale_temps(out);
         assert!(!leftover.exists() || !Path::new("/proc/self").exists());
+    }
+
+    #[test]
+    fn prune_never_deletes_best_and_stale_best_temps_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        for name in [step_dir_name(1), step_dir_name(2), BEST_DIR.to_string()] {
+            fs::create_dir(out.join(&name)).unwrap();
+        }
+        prune(out, 1).unwrap();
+        assert!(out.join(BEST_DIR).is_dir(), "--keep must not delete best/");
+        assert_eq!(list(out).unwrap(), [(2, out.join(step_dir_name(2)))], "best/ is not a step checkpoint");
+        let leftovers = [out.join(".tmp-best-4000000000"), out.join(".replaced-best-4000000000")];
+        for l in &leftovers {
+            fs::create_dir(l).unwrap();
+        }
+        remove_stale_temps(out);
+        if Path::new("/proc/self").exists() {
+            assert!(leftovers.iter().all(|l| !l.exists()));
+        }
+        assert!(out.join(BEST_DIR).is_dir());
     }
 }

@@ -64,7 +64,7 @@ fn numbers(note: &str) -> Vec<u64> {
 }
 
 /// Flags whose default is a plain value, by the key the dry run reports it under.
-const LITERAL: [(&str, &str); 13] = [
+const LITERAL: [(&str, &str); 14] = [
     ("--config", "config"),
     ("--steps", "steps"),
     ("--lr", "lr"),
@@ -78,6 +78,7 @@ const LITERAL: [(&str, &str); 13] = [
     ("--keep", "keep"),
     ("--eval-every", "eval_every"),
     ("--eval-windows", "eval_windows"),
+    ("--sample-every", "sample_every"),
 ];
 
 /// Flags whose default is a rule, checked one by one below.

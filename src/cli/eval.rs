@@ -15,8 +15,8 @@ use crate::train::eval::evaluate;
 /// Prints the loss in nats and in bits per byte, with the number of windows and tokens.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A model.safetensors file, a step-NNNNNN checkpoint directory, or a run's --out
-    /// directory (its newest checkpoint).
+    /// A model.safetensors file, a checkpoint directory (step-NNNNNN, or RUN/best for the
+    /// best-validation one), or a run's --out directory (its newest step-NNNNNN).
     #[arg(long, value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Text file to evaluate on (any bytes), or SQuAD JSON (converted as for training).

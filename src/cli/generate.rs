@@ -24,21 +24,21 @@ pub const DEFAULT_SEED: u64 = 1;
 /// bytes.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A model.safetensors file, a step-NNNNNN checkpoint directory, or a run's --out
-    /// directory (its newest checkpoint).
+    /// A model.safetensors file, a checkpoint directory (step-NNNNNN, or RUN/best for the
+    /// best-validation one), or a run's --out directory (its newest step-NNNNNN).
     #[arg(long, value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Text to continue (only its last `context` bytes are seen by the model).
     #[arg(long, value_name = "TEXT", default_value = "\n", hide_default_value = true)]
     pub prompt: String,
     /// Number of bytes to generate.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_TOKENS)]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, default_value_t = DEFAULT_TOKENS)]
     pub tokens: usize,
     /// Sampling temperature; 0 always picks the most likely byte (greedy).
-    #[arg(long, value_name = "X", default_value_t = DEFAULT_TEMPERATURE)]
+    #[arg(long, value_name = "X", allow_negative_numbers = true, default_value_t = DEFAULT_TEMPERATURE)]
     pub temperature: f32,
     /// Sample only among the K most likely bytes (0: all).
-    #[arg(long, value_name = "K", default_value_t = DEFAULT_TOP_K)]
+    #[arg(long, value_name = "K", allow_negative_numbers = true, default_value_t = DEFAULT_TOP_K)]
     pub top_k: usize,
     /// Seed of the sampler.
     #[arg(long, value_name = "S", default_value_t = DEFAULT_SEED)]

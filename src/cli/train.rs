@@ -23,13 +23,21 @@ use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
     DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEFAULT_SPHERES,
 };
+use crate::train::progress::val_text;
 use crate::train::progress::Progress;
-use crate::train::run::{self as runner, RunSpec, RunSummary};
+use crate::train::run::{self as runner, RunSpec, RunSummary, SampleSpec};
 use crate::train::schedule::{default_warmup, DEFAULT_WARMUP_DIVISOR, MAX_DEFAULT_WARMUP, MIN_LR_RATIO};
 use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
 
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;
+/// `--sample-every` when not given: no samples during training.
+pub const DEFAULT_SAMPLE_EVERY: u64 = 0;
+/// Bytes in each `--sample-every` sample.
+pub const TRAIN_SAMPLE_BYTES: usize = 64;
+/// More passes than this over the training text draw a warning (a small model starts to learn
+/// the text by heart; the default run makes about two).
+pub const MAX_QUIET_EPOCHS: f64 = 5.0;
 pub use crate::train::MAX_THREADS;
 /// Where runs go when --out is not given: a fresh numbered directory per run.
 pub const RUNS_DIR: &str = "runs";
@@ -51,7 +59,7 @@ pub struct TrainArgs {
         "How to read --data. [default: {}]", DataFormat::default()
     ))]
     pub format: Option<DataFormat>,
-    #[arg(long, value_name = "F", help_heading = "Data", help = format!(
+    #[arg(long, value_name = "F", allow_negative_numbers = true, help_heading = "Data", help = format!(
         "Fraction of the data (its tail) held out for validation; 0 for none. [default: {DEFAULT_VAL_FRACTION}]"
     ))]
     pub val_fraction: Option<f64>,
@@ -73,7 +81,7 @@ pub struct TrainArgs {
         ModelConfig::preset_batch(DEFAULT_CONFIG).unwrap_or_default()
     ))]
     pub batch: Option<usize>,
-    #[arg(long, value_name = "LR", help_heading = "Optimization", help = format!(
+    #[arg(long, value_name = "LR", allow_negative_numbers = true, help_heading = "Optimization", help = format!(
         "Peak learning rate (AdamW). [default: {DEFAULT_LR}]"
     ))]
     pub lr: Option<f64>,
@@ -87,7 +95,7 @@ pub struct TrainArgs {
         "Steps of linear warmup from 0 to --lr. [default: steps/{DEFAULT_WARMUP_DIVISOR}, at most {MAX_DEFAULT_WARMUP}]"
     ))]
     pub warmup_steps: Option<u64>,
-    #[arg(long, value_name = "X", help_heading = "Optimization", help = format!(
+    #[arg(long, value_name = "X", allow_negative_numbers = true, help_heading = "Optimization", help = format!(
         "Clip the gradient to this global norm (0: no clipping). [default: {DEFAULT_CLIP_NORM}]"
     ))]
     pub clip_norm: Option<f32>,
@@ -127,8 +135,9 @@ pub struct TrainArgs {
         "Keep only the newest K checkpoints (0: keep all). [default: {DEFAULT_KEEP}]"
     ))]
     pub keep: Option<usize>,
-    /// Continue from a checkpoint: a step-NNNNNN directory, or a run directory (its newest).
-    /// Model, data and optimization settings come from it; flags that contradict it are errors.
+    /// Continue from a checkpoint: a step-NNNNNN directory, RUN/best, or a run directory (its
+    /// newest step-NNNNNN). Model, data and optimization settings come from it; flags that
+    /// contradict it are errors.
     #[arg(long, value_name = "DIR", help_heading = "Checkpoints")]
     pub resume: Option<PathBuf>,
 
@@ -137,9 +146,15 @@ pub struct TrainArgs {
     ))]
     pub eval_every: Option<u64>,
     #[arg(long, value_name = "N", help_heading = "Output", help = format!(
-        "Validation windows per evaluation (the first ones of the validation split). [default: {DEFAULT_EVAL_WINDOWS}]"
+        "Validation windows per periodic evaluation (the first ones of the validation split; the lowest picks \
+         the best/ checkpoint). The run ends with one over the whole split. [default: {DEFAULT_EVAL_WINDOWS}]"
     ))]
     pub eval_windows: Option<usize>,
+    #[arg(long, value_name = "N", help_heading = "Output", help = format!(
+        "Every N steps, print a {TRAIN_SAMPLE_BYTES}-byte sample from a newline prompt (seeded with --seed; \
+         also written to --metrics). 0: never. [default: {DEFAULT_SAMPLE_EVERY}]"
+    ))]
+    pub sample_every: Option<u64>,
     /// Write one JSON object per step to FILE (appended to when resuming).
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub metrics: Option<PathBuf>,
@@ -195,6 +210,19 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         note_new_total(args, c, options.steps);
     }
     check_metrics(args)?;
+    if !args.quiet {
+        warn_epochs(&corpus, &options)?;
+    }
+    let samples = Some(args.sample_every.unwrap_or(DEFAULT_SAMPLE_EVERY)).filter(|&n| n > 0).map(|every| SampleSpec {
+        every,
+        prompt: b"\n".to_vec(),
+        opts: SampleOptions {
+            tokens: TRAIN_SAMPLE_BYTES,
+            temperature: DEFAULT_TEMPERATURE,
+            top_k: DEFAULT_TOP_K,
+            seed: options.seed,
+        },
+    });
     let progress = if args.quiet {
         Progress::Silent
     } else if std::io::stderr().is_terminal() {
@@ -213,6 +241,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         inject_nan,
         progress,
         command_line: std::env::args().collect(),
+        samples,
     };
     Ok(Plan { spec, out_is_new })
 }
@@ -463,6 +492,29 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
     Ok((out, out_is_new))
 }
 
+/// Warns when the run passes over its training text more than [`MAX_QUIET_EPOCHS`] times.
+fn warn_epochs(corpus: &Corpus, o: &RunOptions) -> CliResult {
+    let (train, _) = corpus.split(o.val_fraction, o.context)?;
+    let epochs = (o.steps as f64 * (o.batch * o.context) as f64) / (train.len().max(1) as f64);
+    if epochs > MAX_QUIET_EPOCHS {
+        eprintln!(
+            "warning: {epochs:.1} epochs over {} of training text (more than {MAX_QUIET_EPOCHS}: the model may learn \
+             it by heart; watch the validation loss, or give more data or fewer --steps)",
+            format_size(train.len())
+        );
+    }
+    Ok(())
+}
+
+/// `1.0 MB`, `12.3 KB`, `512 bytes` (decimal units).
+fn format_size(bytes: usize) -> String {
+    match bytes {
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} KB", b as f64 / 1e3),
+        b => format!("{b} bytes"),
+    }
+}
+
 /// Tells the user when `--steps` moves a resumed run's total (the schedule follows it).
 fn note_new_total(args: &TrainArgs, c: &Checkpoint, steps: u64) {
     if !args.quiet && args.steps.is_some_and(|n| n != c.state.options.steps) {
@@ -543,6 +595,7 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
         "val_fraction": o.val_fraction,
         "eval_every": o.eval_every,
         "eval_windows": o.eval_windows,
+        "sample_every": s.samples.as_ref().map_or(DEFAULT_SAMPLE_EVERY, |x| x.every),
         "save_every": o.save_every,
         "keep": o.keep,
         "out": s.out.display().to_string(),
@@ -616,12 +669,19 @@ struct SummaryJson {
     steps: u64,
     steps_run: u64,
     final_loss: Option<f32>,
+    /// Over the whole validation split.
     val_loss: Option<f64>,
+    val_windows: Option<usize>,
+    val_tokens: Option<usize>,
     val_bits_per_byte: Option<f64>,
     tokens_per_s: f64,
     elapsed_s: f64,
     skipped_updates: u64,
     checkpoint: String,
+    /// `best/`, chosen on the periodic validation (`best_val_windows` windows).
+    best_checkpoint: Option<String>,
+    best_val_loss: Option<f64>,
+    best_val_windows: Option<usize>,
 }
 
 fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
@@ -631,18 +691,23 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
             steps: sum.last_step,
             steps_run: sum.steps_run,
             final_loss: sum.final_loss,
-            val_loss: sum.val_loss,
-            val_bits_per_byte: sum.val_loss.map(|l| l / std::f64::consts::LN_2),
+            val_loss: sum.val.map(|v| v.loss),
+            val_windows: sum.val.map(|v| v.windows),
+            val_tokens: sum.val.map(|v| v.tokens),
+            val_bits_per_byte: sum.val.map(|v| v.bits_per_byte()),
             tokens_per_s: sum.tokens_per_s,
             elapsed_s: sum.elapsed_s,
             skipped_updates: sum.skipped_updates,
             checkpoint: sum.checkpoint.display().to_string(),
+            best_checkpoint: sum.best.as_ref().map(|(d, _)| d.display().to_string()),
+            best_val_loss: sum.best.as_ref().map(|(_, v)| v.loss),
+            best_val_windows: sum.best.as_ref().map(|(_, v)| v.windows),
         };
         let obj = serde_json::to_string(&obj).map_err(crate::Error::from)?;
         return write_stdout(format!("{obj}\n").as_bytes());
     }
-    let val = match sum.val_loss {
-        Some(v) => format!(", val loss {v:.4} ({:.3} bits/byte)", v / std::f64::consts::LN_2),
+    let val = match &sum.val {
+        Some(v) => format!(", {}, {:.3} bits/byte", val_text(v), v.bits_per_byte()),
         None => String::new(),
     };
     let loss = sum.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
@@ -654,6 +719,9 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
         sum.tokens_per_s,
         sum.checkpoint.display()
     );
+    if let Some((dir, v)) = &sum.best {
+        text.push_str(&format!("best: {} (lowest periodic {})\n", dir.display(), val_text(v)));
+    }
     if sum.skipped_updates > 0 {
         text.push_str(&format!("note: {} updates were skipped for non-finite gradients\n", sum.skipped_updates));
     }
@@ -663,10 +731,11 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
     let opts =
         SampleOptions { tokens: SAMPLE_BYTES, temperature: DEFAULT_TEMPERATURE, top_k: DEFAULT_TOP_K, seed: o.seed };
     text.push_str(&format!(
-        "sample ({SAMPLE_BYTES} bytes, temperature {}, seed {}; more with: cllm generate --checkpoint {} --prompt TEXT):\n",
+        "sample ({SAMPLE_BYTES} bytes, temperature {}, seed {}; more with: {} generate --checkpoint {} --prompt TEXT):\n",
         opts.temperature,
         opts.seed,
-        sum.checkpoint.display()
+        shell_word(&program_name()),
+        shell_word(&sum.checkpoint.display().to_string())
     ));
     write_stdout(text.as_bytes())?;
     let prompt = b"\n";
@@ -674,4 +743,22 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
     let mut bytes = sample;
     bytes.push(b'\n');
     write_stdout(&bytes)
+}
+
+/// How this program was invoked (`argv[0]`): `cllm` when found on the PATH (after `cargo
+/// install --path .`), `target/release/cllm` under `cargo run --release`. Either way, pasted
+/// into the same shell in the same directory, it runs this binary again, which a bare `cllm`
+/// would not without an install.
+fn program_name() -> String {
+    std::env::args_os().next().map(|a| a.to_string_lossy().into_owned()).unwrap_or_else(|| "cllm".into())
+}
+
+/// `s` as one POSIX shell word: as is when it holds only safe characters, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./+=:@%,".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

@@ -1,5 +1,9 @@
 //! What a run shows while it trains: progress on stderr (a bar on a terminal, plain lines in a
-//! log, or nothing) and the `--metrics` file, one JSON object per step.
+//! log, or nothing) and the `--metrics` file, one JSON object per step (plus one
+//! `{"step", "sample"}` object after a step's `--sample-every` sample).
+//!
+//! Every validation figure is shown with the number of windows it covers, and the metrics
+//! lines carry `val_windows` and `val_tokens` beside `val_loss`.
 //!
 //! Neither feeds back into training: they only read the step reports, so the weights are the
 //! same whatever is shown.
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use super::eval::EvalResult;
 use super::{StepReport, WorkerTiming};
 use crate::error::Result;
 
@@ -31,8 +36,8 @@ pub(crate) struct StepOutcome<'a> {
     pub step: u64,
     pub report: &'a StepReport,
     pub lr: f64,
-    /// The validation loss, on the steps where it was computed.
-    pub val_loss: Option<f64>,
+    /// The periodic validation, on the steps where it was computed.
+    pub val: Option<EvalResult>,
     /// Wall time of the step (the trainer's `step` call).
     pub dt: Duration,
     pub tokens_per_s: f64,
@@ -72,7 +77,23 @@ impl Reporter {
 
     /// Shows that a checkpoint was written.
     pub(crate) fn saved(&self, dir: &Path) {
-        self.ui.saved(dir);
+        self.ui.line(&format!("saved {}", dir.display()));
+    }
+
+    /// Shows that `best/` now holds the checkpoint of `step`, chosen on validation `val`.
+    pub(crate) fn saved_best(&self, dir: &Path, step: u64, val: &EvalResult) {
+        self.ui.line(&format!("saved {} (step {step}, {})", dir.display(), val_text(val)));
+    }
+
+    /// Shows the `--sample-every` sample of `step` (escaped onto one line) and records it in
+    /// the metrics file (bytes that are not UTF-8 become U+FFFD there).
+    pub(crate) fn sample(&mut self, step: u64, bytes: &[u8]) -> Result<()> {
+        let text = String::from_utf8_lossy(bytes);
+        if let Some(m) = self.metrics.as_mut() {
+            m.write(&SampleLine { step, sample: &text })?;
+        }
+        self.ui.line(&format!("step {step} sample: \"{}\"", bytes.escape_ascii()));
+        Ok(())
     }
 
     /// Ends the progress bar, if any.
@@ -81,13 +102,23 @@ impl Reporter {
     }
 }
 
+/// The metrics line of a `--sample-every` sample.
+#[derive(Serialize)]
+struct SampleLine<'a> {
+    step: u64,
+    sample: &'a str,
+}
+
 /// One line of the `--metrics` file. Field order is the order in the file.
 #[derive(Serialize)]
 struct StepMetrics<'a> {
     step: u64,
     loss: f32,
-    /// Present (not null) on steps where the validation loss was computed.
+    /// Present (not null) on steps where the validation loss was computed, with the windows
+    /// and predicted bytes it covers.
     val_loss: Option<f64>,
+    val_windows: Option<usize>,
+    val_tokens: Option<usize>,
     lr: f64,
     grad_norm: f32,
     max_sphere_norm: f32,
@@ -111,7 +142,9 @@ fn step_metrics<'a>(s: &StepOutcome<'a>) -> StepMetrics<'a> {
     StepMetrics {
         step: s.step,
         loss: r.loss,
-        val_loss: s.val_loss,
+        val_loss: s.val.map(|v| v.loss),
+        val_windows: s.val.map(|v| v.windows),
+        val_tokens: s.val.map(|v| v.tokens),
         lr: s.lr,
         grad_norm: r.grad_norm,
         max_sphere_norm: r.max_sphere_norm,
@@ -186,7 +219,7 @@ impl Ui {
     }
 
     fn step(&mut self, s: &StepOutcome<'_>) {
-        let StepOutcome { step, report: r, lr, val_loss: val, tokens_per_s, .. } = *s;
+        let StepOutcome { step, report: r, lr, val, tokens_per_s, .. } = *s;
         let warn = if r.update_skipped {
             Some(format!("step {step}: update skipped (non-finite gradients in spheres {:?})", r.skipped_spheres))
         } else if !r.skipped_spheres.is_empty() {
@@ -201,8 +234,8 @@ impl Ui {
                     if let Some(w) = warn {
                         bar.println(w);
                     }
-                    if let Some(v) = val {
-                        bar.println(format!("step {step}: val loss {v:.4}"));
+                    if let Some(v) = &val {
+                        bar.println(format!("step {step}: {}", val_text(v)));
                     }
                     bar.set_message(format!("loss {:.4} | lr {lr:.2e} | {:.0} tok/s", r.loss, tokens_per_s));
                     bar.set_position(step);
@@ -216,7 +249,7 @@ impl Ui {
                     let done = (step - self.start_step) as f64;
                     let left = (self.total - step) as f64;
                     let eta = self.started.elapsed().as_secs_f64() / done.max(1.0) * left;
-                    let val = val.map(|v| format!(" | val loss {v:.4}")).unwrap_or_default();
+                    let val = val.map(|v| format!(" | {}", val_text(&v))).unwrap_or_default();
                     eprintln!(
                         "step {step}/{} | loss {:.4}{val} | lr {lr:.2e} | {:.0} tok/s | eta {}",
                         self.total,
@@ -229,15 +262,16 @@ impl Ui {
         }
     }
 
-    fn saved(&self, dir: &Path) {
+    /// A line between the progress updates.
+    fn line(&self, text: &str) {
         match self.mode {
             Progress::Silent => {}
             Progress::Bar => {
                 if let Some(bar) = &self.bar {
-                    bar.println(format!("saved {}", dir.display()));
+                    bar.println(text);
                 }
             }
-            Progress::Lines => eprintln!("saved {}", dir.display()),
+            Progress::Lines => eprintln!("{text}"),
         }
     }
 
@@ -246,6 +280,11 @@ impl Ui {
             bar.finish();
         }
     }
+}
+
+/// A validation figure as shown everywhere: `val loss 1.6484 (32 windows)`.
+pub fn val_text(v: &EvalResult) -> String {
+    format!("val loss {:.4} ({} windows)", v.loss, v.windows)
 }
 
 fn format_secs(s: f64) -> String {

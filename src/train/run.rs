@@ -4,12 +4,18 @@
 //!
 //! A resumed run continues bit for bit: the weights, AdamW moments and step counter, and the
 //! sampler state come from the checkpoint, the learning rate depends only on the step number,
-//! and evaluation and progress only read the weights.
+//! and evaluation, progress, the `--sample-every` samples (their own seeded RNG, see
+//! [`crate::generate`]) and the `best/` checkpoint only read the weights.
+//!
+//! Validation is measured twice over: periodically on the first `--eval-windows` windows of the
+//! validation split (the same windows every time, so the values compare along the run; the
+//! lowest one picks `best/`), and once more at the end on the whole split, the figure the
+//! summary reports. Every figure carries its window count ([`EvalResult`]).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::eval::evaluate;
+use super::eval::{evaluate, EvalResult};
 use super::options::RunOptions;
 use super::progress::{Progress, Reporter, StepOutcome};
 use super::schedule::lr_at;
@@ -18,6 +24,7 @@ use crate::checkpoint::{self, Checkpoint, DataRecord, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
+use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
 
 /// Everything one run needs, resolved and validated by the caller.
@@ -38,6 +45,19 @@ pub struct RunSpec {
     pub progress: Progress,
     /// Recorded in every checkpoint.
     pub command_line: Vec<String>,
+    /// `--sample-every`: a sample from a fixed prompt every so many steps (not recorded in
+    /// checkpoints: it does not change what is trained).
+    pub samples: Option<SampleSpec>,
+}
+
+/// What `--sample-every` samples: `opts.tokens` bytes after `prompt`, every `every` steps, with
+/// `opts.seed` every time (the sampler's own RNG, so training draws nothing from it and the
+/// samples of one step are the same in every run of the same flags).
+#[derive(Clone, Debug)]
+pub struct SampleSpec {
+    pub every: u64,
+    pub prompt: Vec<u8>,
+    pub opts: SampleOptions,
 }
 
 /// What a finished run reports.
@@ -47,7 +67,11 @@ pub struct RunSummary {
     /// Steps taken by this process (fewer than `last_step` when resumed).
     pub steps_run: u64,
     pub final_loss: Option<f32>,
-    pub val_loss: Option<f64>,
+    /// The loss over the whole validation split at the end (`None`: no validation split).
+    pub val: Option<EvalResult>,
+    /// `best/` and the periodic validation that chose it, if one was written by this run or an
+    /// earlier part of it.
+    pub best: Option<(PathBuf, EvalResult)>,
     /// Training tokens per second of step time.
     pub tokens_per_s: f64,
     /// Wall time of the whole run, evaluation and checkpoints included.
@@ -77,6 +101,9 @@ fn due(step: u64, every: u64, total: u64) -> bool {
 struct Tally {
     last_loss: Option<f32>,
     last_val: Option<f64>,
+    /// `best/` and the lowest periodic validation so far (from `best/` when resuming into its
+    /// run with the same `--eval-windows`).
+    best: Option<(PathBuf, EvalResult)>,
     skipped_updates: u64,
     step_time: Duration,
     last_checkpoint: Option<PathBuf>,
@@ -96,8 +123,11 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
     let tokens_per_step = (o.batch * o.context) as u64;
     let mut inputs = Vec::with_capacity(o.batch * o.context);
     let mut targets = Vec::with_capacity(o.batch * o.context);
-    let mut tally =
-        Tally { last_val: spec.resume.as_ref().and_then(|c| c.state.val_loss.map(f64::from)), ..Tally::default() };
+    let mut tally = Tally {
+        last_val: spec.resume.as_ref().and_then(|c| c.state.val_loss.map(f64::from)),
+        best: spec.resume.as_ref().and_then(|_| earlier_best(spec, val_data)),
+        ..Tally::default()
+    };
     for step in start_step + 1..=o.steps {
         sampler.next_batch(train_data, o.batch, o.context, &mut inputs, &mut targets);
         let lr = lr_at(o.lr_schedule, o.lr, o.min_lr_ratio, o.warmup_steps, step, o.steps);
@@ -107,36 +137,67 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
         tally.step_time += dt;
         tally.last_loss = Some(report.loss);
         tally.skipped_updates += u64::from(report.update_skipped);
-        let val_loss = if !val_data.is_empty() && due(step, o.eval_every, o.steps) {
+        let val = if !val_data.is_empty() && due(step, o.eval_every, o.steps) {
             let r = evaluate(&spec.model_config, trainer.params(), val_data, o.context, o.eval_windows, o.threads)?;
             tally.last_val = Some(r.loss);
-            Some(r.loss)
+            Some(r)
         } else {
             None
         };
         let tokens_per_s = tokens_per_step as f64 / dt.as_secs_f64().max(1e-9);
-        reporter.step(&StepOutcome { step, report: &report, lr, val_loss, dt, tokens_per_s })?;
+        reporter.step(&StepOutcome { step, report: &report, lr, val, dt, tokens_per_s })?;
+        if let Some(v) = val.filter(|v| v.loss.is_finite() && tally.best.as_ref().is_none_or(|(_, b)| v.loss < b.loss))
+        {
+            let dir = saver.save(&trainer, &sampler, step, report.loss, Some(v.loss), true)?;
+            reporter.saved_best(&dir, step, &v);
+            tally.best = Some((dir, v));
+        }
         if due(step, o.save_every, o.steps) {
-            let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val)?;
+            let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
             reporter.saved(&dir);
             tally.last_checkpoint = Some(dir);
+        }
+        if let Some(s) = spec.samples.as_ref().filter(|s| s.every > 0 && step.is_multiple_of(s.every)) {
+            let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
+            reporter.sample(step, &generate(&model, &s.prompt, s.opts, |_| Ok(()))?)?;
         }
     }
     reporter.finish();
     let steps_run = o.steps - start_step;
     let checkpoint =
         tally.last_checkpoint.ok_or_else(|| crate::err!("no step was run: already at step {start_step}"))?;
+    // The summary's validation covers the whole split, not the periodic windows.
+    let val = if val_data.is_empty() {
+        None
+    } else {
+        Some(evaluate(&spec.model_config, trainer.params(), val_data, o.context, usize::MAX, o.threads)?)
+    };
     Ok(RunSummary {
         last_step: o.steps,
         steps_run,
         final_loss: tally.last_loss,
-        val_loss: tally.last_val,
+        val,
+        best: tally.best,
         tokens_per_s: (steps_run * tokens_per_step) as f64 / tally.step_time.as_secs_f64().max(1e-9),
         elapsed_s: started.elapsed().as_secs_f64(),
         skipped_updates: tally.skipped_updates,
         checkpoint,
         model: Model::from_params(spec.model_config, trainer.params().to_vec())?,
     })
+}
+
+/// The `best/` an earlier part of a resumed run left in its directory, with the periodic
+/// validation that chose it; `None` when there is none or it was measured on another number of
+/// windows (then this run's first validation starts a new `best/`).
+fn earlier_best(spec: &RunSpec, val_data: &[u8]) -> Option<(PathBuf, EvalResult)> {
+    let o = &spec.options;
+    let (loss, eval_windows) = checkpoint::best_val_loss(&spec.out)?;
+    if eval_windows != o.eval_windows {
+        return None;
+    }
+    let windows = crate::data::windows(val_data, o.context, o.eval_windows).count();
+    let val = EvalResult { loss: f64::from(loss), windows, tokens: windows * o.context };
+    Some((spec.out.join(checkpoint::BEST_DIR), val))
 }
 
 /// The trainer and sampler the run starts from, and the step it starts after: the resumed
@@ -181,8 +242,9 @@ struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    /// Saves the checkpoint of `step` (see [`checkpoint::save`]), prunes old ones down to
-    /// `--keep`, and returns its directory.
+    /// Saves the checkpoint of `step` (see [`checkpoint::save`]) and prunes old ones down to
+    /// `--keep`, or, with `best`, replaces `best/` ([`checkpoint::save_best`]); returns its
+    /// directory.
     fn save(
         &self,
         trainer: &Trainer,
@@ -190,11 +252,16 @@ impl Saver<'_> {
         step: u64,
         loss: f32,
         val_loss: Option<f64>,
+        best: bool,
     ) -> Result<PathBuf> {
         let spec = self.spec;
         let (m, v, adam_t) = trainer.adam_state();
         let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
-        let dir = checkpoint::save(&spec.out, self.state(step, adam_t, sampler, loss, val_loss), &model, m, v)?;
+        let state = self.state(step, adam_t, sampler, loss, val_loss);
+        if best {
+            return checkpoint::save_best(&spec.out, state, &model, m, v);
+        }
+        let dir = checkpoint::save(&spec.out, state, &model, m, v)?;
         checkpoint::prune(&spec.out, spec.options.keep)?;
         Ok(dir)
     }
