@@ -74,4 +74,3 @@ fn gradient_lock_per_sphere_constant_checkpoint_resumes_to_the_same_bits() {
         assert_eq!(state, GRADIENT_LOCK_STATE, "state.safetensors after resuming differs from the pinned run");
     }
 }
-

@@ -126,8 +126,16 @@ fn pct(x: f64) -> String {
 
 /// The report as markdown: the table, then what each strategy's split says about its number.
 pub fn markdown(r: &Report) -> String {
-    let m = &r.model;
     let mut s = String::new();
+    write_header(r, &mut s);
+    write_table(r, &mut s);
+    write_notes(r, &mut s);
+    s
+}
+
+/// The report's opening paragraphs: model, machine, ceiling and background load.
+fn write_header(r: &Report, s: &mut String) {
+    let m = &r.model;
     let _ = writeln!(s, "# Scaling: `{}`\n", r.config);
     let _ = writeln!(
         s,
@@ -178,6 +186,10 @@ pub fn markdown(r: &Report) -> String {
             ""
         }
     );
+}
+
+/// One row per cell.
+fn write_table(r: &Report, s: &mut String) {
     s.push_str(
         "| strategy | threads | step ms | tokens/s | speed-up | ceiling | of ceiling | efficiency | CPU util | compute | barrier | lock wait | reduce | optimizer | other | lock acq/step | lock wait ms/step | peak RSS MB | other procs (cores) |\n",
     );
@@ -207,6 +219,10 @@ pub fn markdown(r: &Report) -> String {
             c.background_cores
         );
     }
+}
+
+/// How to read the table, the bit-identity line per strategy, and one paragraph per strategy.
+fn write_notes(r: &Report, s: &mut String) {
     s.push_str(
         "\nTime split: per-worker time in each phase divided by the step's wall time, averaged over workers; \
          `other` is what is left (coordinator work, wake-up latency, workers with nothing to do). \
@@ -228,7 +244,6 @@ pub fn markdown(r: &Report) -> String {
     for name in strategies(r) {
         let _ = writeln!(s, "{}\n", explain(r, name));
     }
-    s
 }
 
 /// A paragraph explaining one strategy's scaling from its own time split.
