@@ -40,7 +40,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -531,6 +531,49 @@ fn sync_dir(dir: &Path) -> Result<()> {
         Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported) => Ok(()),
         Err(e) => Err(io_err(dir, &e)),
     }
+}
+
+/// The lock file of a run directory: `OUT/.lock`, holding the PID of the run that holds it.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive claim on a run directory, held for as long as the value lives.
+///
+/// The claim is an advisory `flock` on [`LOCK_FILE`] (through `File::try_lock`): the kernel
+/// releases it when the process exits, however it exits, so a SIGKILL never leaves a stale lock,
+/// and the file's content (the holder's PID) is only a hint for the error message.
+pub struct RunLock {
+    _file: File,
+}
+
+/// Claims `out` for one writer. A second `cllm train` on the same directory fails at once,
+/// naming the directory and the holder's PID; readers (`eval`, `generate`) take no lock.
+pub fn lock_run_dir(out: &Path) -> Result<RunLock> {
+    let path = out.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err(&path, &e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            // The holder writes its PID right after locking; a few bytes are all there is to read.
+            let _ = (&mut file).take(32).read_to_string(&mut holder);
+            let holder = holder.trim();
+            bail!(
+                "run directory {} is in use by another cllm train (pid {}); wait for it to finish or choose another --out",
+                out.display(),
+                if holder.is_empty() { "unknown" } else { holder }
+            );
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err(&path, &e)),
+    }
+    file.set_len(0).map_err(|e| io_err(&path, &e))?;
+    file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(|e| io_err(&path, &e))?;
+    Ok(RunLock { _file: file })
 }
 
 fn io_err(path: &Path, e: &io::Error) -> Error {

@@ -100,7 +100,12 @@ fn best_holds_the_lowest_periodic_validation_survives_keep_and_resumes() {
     assert!((state["val_loss"].as_f64().unwrap() - lowest.1).abs() < 1e-6);
     let stdout = text(&o.stdout);
     assert!(stdout.contains(&format!("best: {} (lowest periodic val loss", best.display())), "{stdout}");
-    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')));
+    // No hidden leftovers of replacing best/ (the run directory's lock file is meant to stay).
+    let hidden = |e: std::fs::DirEntry| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.starts_with('.') && name != cllm::checkpoint::LOCK_FILE
+    };
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| hidden(e.unwrap())));
 
     // A full checkpoint: eval and generate read it, and a run resumes from it.
     assert_ok(&cllm(&["generate", "--checkpoint", s(&best), "--tokens", "5"]));

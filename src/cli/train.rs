@@ -190,6 +190,10 @@ pub fn run(args: TrainArgs) -> CliResult {
         std::fs::create_dir_all(&plan.spec.out)
             .map_err(|e| crate::err!("cannot create {}: {e}", plan.spec.out.display()))?;
     }
+    // Held until the run ends. Taken after resolving, so the directory checks run again under
+    // the lock: another run may have written a checkpoint here since they first ran.
+    let _lock = checkpoint::lock_run_dir(&plan.spec.out)?;
+    check_out_history(&plan.spec.out, plan.spec.resume.as_ref())?;
     let summary = runner::train(&plan.spec)?;
     print_summary(&plan, &summary, &args)
 }
@@ -464,11 +468,17 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
     if out.exists() && !out.is_dir() {
         usage!("--out {}: exists and is not a directory", out.display());
     }
+    check_out_history(&out, resumed)?;
+    Ok((out, out_is_new))
+}
+
+/// Refuses a run directory whose checkpoints belong to another history.
+fn check_out_history(out: &Path, resumed: Option<&Checkpoint>) -> CliResult {
     match resumed {
         Some(c) => {
             // Later checkpoints of another history in the same directory would be overwritten,
             // interleaved with this run's, or pruned in its place.
-            if let Some((_, newer)) = checkpoint::list(&out)?.into_iter().find(|(step, _)| *step > c.state.step) {
+            if let Some((_, newer)) = checkpoint::list(out)?.into_iter().find(|(step, _)| *step > c.state.step) {
                 usage!(
                     "--out {} already holds {}, newer than the resumed step {}; resume into another --out",
                     out.display(),
@@ -478,7 +488,7 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
             }
         }
         None => {
-            if let Some((_, newest)) = checkpoint::list(&out)?.pop() {
+            if let Some((_, newest)) = checkpoint::list(out)?.pop() {
                 usage!(
                     "--out {} already holds checkpoints (newest {}); pass --resume {} to continue that run, or \
                      choose another --out",
@@ -489,7 +499,7 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
             }
         }
     }
-    Ok((out, out_is_new))
+    Ok(())
 }
 
 /// Warns when the run passes over its training text more than [`MAX_QUIET_EPOCHS`] times.
