@@ -45,22 +45,10 @@ pub fn read_nonempty(path: &Path) -> Result<Vec<u8>> {
 /// file that grows meanwhile is refused too. `what` names the file's role in messages.
 pub fn read_regular_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
     let shown = path.display();
-    let check = |meta: &fs::Metadata| -> Result<()> {
-        if meta.is_dir() {
-            crate::bail!("{shown}: is a directory, expected a {what}");
-        }
-        if !meta.is_file() {
-            crate::bail!("{shown}: not a regular file (a FIFO, device or socket cannot be read as a {what})");
-        }
-        if meta.len() > max {
-            crate::bail!("{shown}: {} bytes, more than the {max} bytes allowed for a {what}", meta.len());
-        }
-        Ok(())
-    };
-    check(&fs::metadata(path).map_err(|e| io_error(path, &e))?)?;
+    check_regular_file(path, &fs::metadata(path).map_err(|e| io_error(path, &e))?, max, what)?;
     let file = File::open(path).map_err(|e| io_error(path, &e))?;
     let meta = file.metadata().map_err(|e| io_error(path, &e))?;
-    check(&meta)?;
+    check_regular_file(path, &meta, max, what)?;
     // The capacity is the checked length: at most `max`.
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.take(max.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| io_error(path, &e))?;
@@ -68,6 +56,22 @@ pub fn read_regular_file(path: &Path, max: u64, what: &str) -> Result<Vec<u8>> {
         crate::bail!("{shown}: grew past the {max} bytes allowed for a {what} while being read");
     }
     Ok(bytes)
+}
+
+/// Refuses what `meta` describes unless it is a regular file of at most `max` bytes (check it
+/// before opening `path`: opening a FIFO with no writer blocks forever).
+pub(crate) fn check_regular_file(path: &Path, meta: &fs::Metadata, max: u64, what: &str) -> Result<()> {
+    let shown = path.display();
+    if meta.is_dir() {
+        crate::bail!("{shown}: is a directory, expected a {what}");
+    }
+    if !meta.is_file() {
+        crate::bail!("{shown}: not a regular file (a FIFO, device or socket cannot be read as a {what})");
+    }
+    if meta.len() > max {
+        crate::bail!("{shown}: {} bytes, more than the {max} bytes allowed for a {what}", meta.len());
+    }
+    Ok(())
 }
 
 /// One-line message for an I/O failure on `path`, in words rather than `os error 2`.

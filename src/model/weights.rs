@@ -110,12 +110,8 @@ fn read_header(path: &Path) -> Result<(HeaderMetadata, u64)> {
     use std::io::Read;
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| crate::data::text::io_error(path, &e))?;
-    if meta.is_dir() {
-        bail!("{shown}: is a directory, expected a .safetensors file");
-    }
-    if !meta.is_file() {
-        bail!("{shown}: not a regular file (a FIFO, device or socket cannot be read as a model file)");
-    }
+    // The size is bounded later, once the header's config says what the file may hold.
+    crate::data::text::check_regular_file(path, &meta, u64::MAX, ".safetensors model file")?;
     let mut file = std::fs::File::open(path).map_err(|e| crate::data::text::io_error(path, &e))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len)
