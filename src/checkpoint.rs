@@ -12,6 +12,8 @@
 //!     state.safetensors   the AdamW moments `adam.m` and `adam.v`, flat in parameter order
 //!     state.json          step, Adam t, sampler state, model config, training options, data
 //!                         hash, version, command line, and the SHA-256 of the other files
+//!     config.json         the same shape as a Hugging Face GPT2Config, so that
+//!                         `GPT2LMHeadModel.from_pretrained(step_dir)` loads the directory
 //! ```
 //!
 //! `state.json` also carries `self_sha256`: the SHA-256 of the file itself with that value
@@ -50,7 +52,8 @@ use crate::config::ModelConfig;
 use crate::data::text::{read_regular_file, MAX_DATA_BYTES};
 use crate::data::{sha256_hex, DataFormat, SamplerState};
 use crate::error::{Error, Result};
-use crate::model::weights::{deserialize_safetensors, read_safetensors_file, serialize_safetensors};
+use crate::model::hf;
+use crate::model::weights::{read_model_file, serialize_safetensors};
 use crate::model::Model;
 use crate::train::RunOptions;
 use crate::{bail, err};
@@ -206,18 +209,17 @@ pub fn resolve_dir(path: &Path) -> Result<PathBuf> {
 pub fn load_model(path: &Path) -> Result<(Model, PathBuf)> {
     let meta = fs::metadata(path).map_err(|e| io_err(path, &e))?;
     if !meta.is_dir() {
-        let bytes = read_safetensors_file(path)?;
-        let model = deserialize_safetensors(&bytes).map_err(|e| e.context(path.display()))?;
+        let model = read_model_file(path)?.parse().map_err(|e| e.context(path.display()))?;
         return Ok((model, path.to_path_buf()));
     }
     let dir = resolve_dir(path)?;
     let file = dir.join(MODEL_FILE);
-    let bytes = read_safetensors_file(&file)?;
+    let read = read_model_file(&file)?;
     if dir.join(STATE_FILE).exists() {
         let state = read_state(&dir)?;
-        verify_checksum(&file, &bytes, &state)?;
+        verify_checksum(&file, &read.bytes, &state)?;
     }
-    let model = deserialize_safetensors(&bytes).map_err(|e| e.context(file.display()))?;
+    let model = read.parse().map_err(|e| e.context(file.display()))?;
     Ok((model, file))
 }
 
@@ -243,9 +245,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     }
     check_state(&state).map_err(|e| err!("{}: {e}", dir.join(STATE_FILE).display()))?;
     let model_path = dir.join(MODEL_FILE);
-    let model_bytes = read_safetensors_file(&model_path)?;
-    verify_checksum(&model_path, &model_bytes, &state)?;
-    let model = deserialize_safetensors(&model_bytes).map_err(|e| e.context(model_path.display()))?;
+    let read = read_model_file(&model_path)?;
+    verify_checksum(&model_path, &read.bytes, &state)?;
+    let model = read.parse().map_err(|e| e.context(model_path.display()))?;
     if model.config != state.model_config {
         bail!(
             "{}: model config {:?} differs from {STATE_FILE}'s {:?}",
@@ -321,6 +323,9 @@ fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &
     write_synced(&tmp.join(MODEL_FILE), &model_bytes)?;
     write_synced(&tmp.join(OPTIM_FILE), &optim_bytes)?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
+    // For Hugging Face (`GPT2LMHeadModel.from_pretrained(dir)`); derived from the model's
+    // checksummed metadata, which the loader checks it against, so it needs no checksum.
+    write_synced(&tmp.join(hf::CONFIG_FILE), &hf::config_bytes(&model.config)?)?;
     sync_dir(tmp)
 }
 

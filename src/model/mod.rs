@@ -4,13 +4,15 @@
 //! of [`layers`], over the flat parameters laid out by [`params`] and the buffers of
 //! [`activations`]; the layers' matrix products go through [`gemm`] to cllm's own kernel
 //! ([`kernel`], the only GEMM implementation), optionally with weights packed ahead of time
-//! ([`packed`]). [`init`] and [`weights`] create, save and load the parameters. Nothing here
+//! ([`packed`]). [`init`] and [`weights`] create, save and load the parameters; [`hf`] reads and writes
+//! Hugging Face's `config.json`. Nothing here
 //! depends on anything above it in the crate: only the model's shape ([`crate::config`]), the
 //! SIMD helpers (`crate::simd`) and the error type.
 
 pub mod activations;
 pub mod gemm;
 pub mod gpt;
+pub mod hf;
 pub mod init;
 pub mod kernel;
 pub mod layers;

@@ -1,6 +1,12 @@
 //! A model's weights in memory ([`Model`]) and on disk as safetensors with Hugging Face GPT-2
 //! tensor names and layouts, F32, with the config as JSON under the metadata key `cllm.config`.
+//!
+//! A file without that key (a `GPT2LMHeadModel.save_pretrained` export) is read with the
+//! Hugging Face `config.json` beside it ([`super::hf`]); where both exist they must agree. An
+//! `lm_head.weight` is accepted only as a copy of `wte.weight` (a tied head): cllm has no
+//! separate output head, and dropping a different one would give wrong results silently.
 
+use super::hf;
 use super::init::init_gpt2;
 use super::params::ParamLayout;
 use crate::config::ModelConfig;
@@ -13,10 +19,13 @@ use std::path::Path;
 /// Metadata key holding the config JSON.
 pub const CONFIG_KEY: &str = "cllm.config";
 
-/// Tensors other tools write that carry no learned state (causal-mask buffers, the tied
-/// output head): accepted and ignored on load.
+/// Tensors other tools write that carry no learned state (causal-mask buffers): accepted and
+/// ignored on load.
 const IGNORED_SUFFIXES: [&str; 2] = [".attn.bias", ".attn.masked_bias"];
-const IGNORED_NAMES: [&str; 1] = ["lm_head.weight"];
+/// The output head of an export; must equal `wte.weight` (a tied head).
+const LM_HEAD: &str = "lm_head.weight";
+/// Largest `config.json` read.
+const MAX_HF_CONFIG_BYTES: u64 = 1 << 20;
 
 /// A config, its parameter layout, and the flat parameter buffer.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,8 +86,20 @@ pub fn save_safetensors(path: &Path, model: &Model) -> Result<()> {
 
 /// Reads a model from `path`; errors name the file and the offending tensor.
 pub fn load_safetensors(path: &Path) -> Result<Model> {
-    let bytes = read_safetensors_file(path)?;
-    deserialize_safetensors(&bytes).map_err(|e| e.context(path.display()))
+    read_model_file(path)?.parse().map_err(|e| e.context(path.display()))
+}
+
+/// A model file read into memory, and the config it is parsed with.
+pub struct ModelFile {
+    pub bytes: Vec<u8>,
+    pub config: ModelConfig,
+}
+
+impl ModelFile {
+    /// The model: names, shapes, dtype and finiteness checked (see [`deserialize_safetensors`]).
+    pub fn parse(&self) -> Result<Model> {
+        deserialize_with_config(&self.bytes, self.config)
+    }
 }
 
 /// The safetensors header fields cllm reads before the whole file: only the metadata.
@@ -91,18 +112,54 @@ struct HeaderMetadata {
 /// Largest safetensors header read (the `safetensors` crate's own limit).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-/// Reads a model file whole, but only after its header's config has passed
+/// Reads a model file whole, but only after its config (see [`file_config`]) has passed
 /// [`ModelConfig::validate`] and the file's length is at most what that config's tensors (plus
 /// the ignored buffers other tools add) can occupy: nothing is allocated from a declared size
 /// that the file on disk does not back. Only regular files are read (a FIFO would block).
-pub fn read_safetensors_file(path: &Path) -> Result<Vec<u8>> {
+pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     let shown = path.display();
     let (header, header_len) = read_header(path)?;
-    let config = config_from_metadata(header.metadata.as_ref()).map_err(|e| e.context(&shown))?;
+    let config = file_config(path, header.metadata.as_ref())?;
     let cap = max_file_bytes(&config, header_len)
-        .ok_or_else(|| err!("{shown}: metadata \"{CONFIG_KEY}\": the model is too large to load"))?;
+        .ok_or_else(|| err!("{shown}: config {}: the model is too large to load", config_summary(&config)))?;
     let what = format!("model file of config {}", config_summary(&config));
-    crate::data::text::read_regular_file(path, cap, &what)
+    let bytes = crate::data::text::read_regular_file(path, cap, &what)?;
+    Ok(ModelFile { bytes, config })
+}
+
+/// The config of the model file `path`: its `cllm.config` metadata, else the Hugging Face
+/// `config.json` in the same directory. Where both exist, they must describe the same shape.
+fn file_config(path: &Path, metadata: Option<&HashMap<String, String>>) -> Result<ModelConfig> {
+    let beside = path.parent().map(|d| d.join(hf::CONFIG_FILE)).filter(|p| p.exists());
+    let from_hf = beside.as_deref().map(read_hf_config).transpose()?;
+    if metadata.is_some_and(|m| m.contains_key(CONFIG_KEY)) {
+        let config = config_from_metadata(metadata).map_err(|e| e.context(path.display()))?;
+        if let (Some(h), Some(p)) = (from_hf, &beside) {
+            if h != config {
+                bail!(
+                    "{} describes {} but the metadata \"{CONFIG_KEY}\" of {} describes {}: which is right is a guess",
+                    p.display(),
+                    config_summary(&h),
+                    path.display(),
+                    config_summary(&config)
+                );
+            }
+        }
+        return Ok(config);
+    }
+    from_hf.ok_or_else(|| {
+        err!(
+            "{}: missing metadata key \"{CONFIG_KEY}\" (the model config as JSON) and no {} beside it",
+            path.display(),
+            hf::CONFIG_FILE
+        )
+    })
+}
+
+/// A Hugging Face `config.json`, read (bounded) and checked by [`hf::parse_config`].
+fn read_hf_config(path: &Path) -> Result<ModelConfig> {
+    let bytes = crate::data::text::read_regular_file(path, MAX_HF_CONFIG_BYTES, "Hugging Face config.json")?;
+    hf::parse_config(&bytes).map_err(|e| e.context(path.display()))
 }
 
 /// The header of the safetensors file `path` and its length, read with a bounded buffer.
@@ -159,10 +216,16 @@ fn config_from_metadata(metadata: Option<&HashMap<String, String>>) -> Result<Mo
 /// layout is present as F32 of the right shape, and their values sum to the config's parameter
 /// count, all before the parameter buffer is allocated, so it never exceeds the input's size.
 /// Tensors are visited in name order: nothing depends on hash-map iteration order.
+/// The config comes from the `cllm.config` metadata.
 pub fn deserialize_safetensors(bytes: &[u8]) -> Result<Model> {
     let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
+    deserialize_with_config(bytes, config_from_metadata(metadata.metadata().as_ref())?)
+}
+
+/// [`deserialize_safetensors`] with the config given (validated here again).
+fn deserialize_with_config(bytes: &[u8], config: ModelConfig) -> Result<Model> {
+    config.validate().map_err(Error)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| err!("not a valid safetensors file: {e:?}"))?;
-    let config = config_from_metadata(metadata.metadata().as_ref())?;
     let layout = ParamLayout::new(&config);
     let by_name = tensors_by_name(&st, &layout, &config)?;
     let mut total = 0usize;
@@ -208,9 +271,14 @@ fn tensors_by_name<'a>(
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let mut by_name: BTreeMap<String, TensorView<'a>> = BTreeMap::new();
     let mut full_names: BTreeMap<String, String> = BTreeMap::new();
+    let mut head = None;
     for (name, view) in tensors {
         let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
-        if IGNORED_NAMES.contains(&short.as_str()) || IGNORED_SUFFIXES.iter().any(|s| short.ends_with(s)) {
+        if IGNORED_SUFFIXES.iter().any(|s| short.ends_with(s)) {
+            continue;
+        }
+        if short == LM_HEAD {
+            head = Some(view);
             continue;
         }
         if layout.get(&short).is_none() {
@@ -220,6 +288,14 @@ fn tensors_by_name<'a>(
             bail!("tensors \"{first}\" and \"{name}\" both give \"{short}\": which one to use is ambiguous");
         }
         by_name.insert(short, view);
+    }
+    if let Some(head) = head {
+        let tied = by_name
+            .get("wte.weight")
+            .is_some_and(|wte| wte.dtype() == head.dtype() && wte.shape() == head.shape() && wte.data() == head.data());
+        if !tied {
+            bail!("tensor \"{LM_HEAD}\" differs from \"wte.weight\": an untied output head is not supported (cllm's output head is the token embedding)");
+        }
     }
     Ok(by_name)
 }
