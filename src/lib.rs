@@ -15,6 +15,7 @@
 //! - [`data`]: text and SQuAD input, train/validation split, seeded batch sampling.
 //! - [`checkpoint`]: atomic checkpoints with exact resume.
 //! - [`generate`]: sampling text from a model.
+//! - [`tokenizer`]: Hugging Face `tokenizer.json` files: byte-level BPE training, encode, decode.
 //! - [`bench`]: the scaling matrix and its report.
 //! - [`cli`]: the `cllm` command line.
 
@@ -31,6 +32,7 @@ mod names;
 pub mod optim;
 mod simd;
 pub mod sync;
+pub mod tokenizer;
 pub mod train;
 
 pub use config::ModelConfig;

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod plot;
 pub mod prep;
+pub mod tokenizer;
 pub mod train;
 
 use std::fmt;
@@ -64,6 +65,9 @@ pub enum Command {
     Profile(crate::bench::ProfileArgs),
     /// Draw a --metrics file as an SVG: losses, tokens/s, gradient norm, skipped micro-batches.
     Plot(plot::PlotArgs),
+    /// Train a BPE tokenizer (tokenizer.json), or show the ids a tokenizer gives a text.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
 }
 
 /// An error with its exit code.
@@ -135,6 +139,7 @@ pub fn dispatch(cli: Cli) -> CliResult {
             crate::bench::run_profile(&args).map(|_| ()).map_err(Failure::from)
         }
         Command::Plot(args) => plot::run(args),
+        Command::Tokenizer(cmd) => tokenizer::run(cmd),
     }
 }
 
