@@ -35,7 +35,7 @@ pub const MAX_VOCAB: usize = 1 << 20;
 pub const MAX_PARAMS: usize = 4_000_000_000;
 
 /// Names of the built-in presets, in size order.
-pub const PRESETS: [&str; 3] = ["tiny", "small", "seed"];
+pub const PRESETS: [&str; 5] = ["tiny", "small", "seed", "gpt2", "gpt2-medium"];
 
 impl ModelConfig {
     /// 2 layers, 2 heads, width 32, context 16: for tests and gradient checks.
@@ -51,12 +51,23 @@ impl ModelConfig {
         ModelConfig { vocab: 256, layers: 6, heads: 8, embed: 256, context: 128 }
     }
 
-    /// Looks up a preset by name (`tiny`, `small`, `seed`).
+    /// GPT-2 124M: 12 layers, 12 heads, width 768, context 1024, GPT-2's vocabulary of 50257.
+    pub const fn gpt2() -> Self {
+        ModelConfig { vocab: 50257, layers: 12, heads: 12, embed: 768, context: 1024 }
+    }
+    /// GPT-2 medium (355M): 24 layers, 16 heads, width 1024, context 1024, vocabulary 50257.
+    pub const fn gpt2_medium() -> Self {
+        ModelConfig { vocab: 50257, layers: 24, heads: 16, embed: 1024, context: 1024 }
+    }
+
+    /// Looks up a preset by name (see [`PRESETS`]).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::tiny()),
             "small" => Some(Self::small()),
             "seed" => Some(Self::seed()),
+            "gpt2" => Some(Self::gpt2()),
+            "gpt2-medium" => Some(Self::gpt2_medium()),
             _ => None,
         }
     }
@@ -65,7 +76,7 @@ impl ModelConfig {
     pub fn preset_batch(name: &str) -> Option<usize> {
         match name {
             "tiny" => Some(4),
-            "small" | "seed" => Some(8),
+            "small" | "seed" | "gpt2" | "gpt2-medium" => Some(8),
             _ => None,
         }
     }

@@ -85,10 +85,24 @@ const LITERAL: [(&str, &str); 14] = [
 const RULES: [&str; 8] =
     ["--data", "--format", "--context", "--batch", "--warmup-steps", "--threads", "--spheres", "--out"];
 
+/// Model-shape flags (their default: the preset's), by the dry run's `model` key.
+const SHAPE: [(&str, &str); 5] = [
+    ("--n-layer", "layers"),
+    ("--n-head", "heads"),
+    ("--n-embd", "embed"),
+    ("--n-positions", "context"),
+    ("--vocab-size", "vocab"),
+];
+
 #[test]
 fn every_default_in_train_help_is_checked_here() {
     let shown: Vec<String> = help_defaults("train").into_keys().collect();
-    let mut checked: Vec<String> = LITERAL.iter().map(|(f, _)| f.to_string()).chain(RULES.map(String::from)).collect();
+    let mut checked: Vec<String> = LITERAL
+        .iter()
+        .map(|(f, _)| f.to_string())
+        .chain(RULES.map(String::from))
+        .chain(SHAPE.map(|(f, _)| f.to_string()))
+        .collect();
     checked.sort();
     assert_eq!(shown, checked, "a flag's default is shown in --help but not compared with --dry-run here (or gone)");
 }
@@ -143,6 +157,14 @@ fn rule_defaults_in_train_help_are_what_a_dry_run_uses() {
         let p = dry_run(dir.path(), &["--batch", &batch.to_string()]);
         assert_eq!(p["spheres"], rule(batch), "--spheres with --batch {batch}");
     }
+
+    let mut explicit_shape: Vec<String> = Vec::new();
+    for (flag, key) in SHAPE {
+        assert_eq!(help[flag], "the preset's", "{flag}");
+        explicit_shape.extend([flag.to_string(), plan["model"][key].to_string()]);
+    }
+    let explicit_shape: Vec<&str> = explicit_shape.iter().map(String::as_str).collect();
+    assert_eq!(dry_run(dir.path(), &explicit_shape), plan, "the shape flags at the preset's values");
 
     let runs = help["--out"].strip_prefix("a new ").and_then(|s| s.split_once("/run-NNN")).map(|(d, _)| d);
     assert_eq!(plan["out"], format!("{}/run-001", runs.expect("--out names the runs directory")), "--out");

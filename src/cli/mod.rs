@@ -11,6 +11,7 @@ pub mod eval;
 pub mod generate;
 pub mod plot;
 pub mod prep;
+pub mod shape;
 pub mod tokenizer;
 pub mod train;
 

@@ -19,6 +19,7 @@ use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
 use crate::generate::{generate, SampleOptions};
+use crate::model::Model;
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
     DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEFAULT_SPHERES,
@@ -71,6 +72,8 @@ pub struct TrainArgs {
     /// Training sequence length, at most the model's context. [default: the model's context]
     #[arg(long, value_name = "T", help_heading = "Model")]
     pub context: Option<usize>,
+    #[command(flatten)]
+    pub shape: super::shape::ShapeArgs,
 
     #[arg(long, value_name = "N", help_heading = "Optimization", help = format!(
         "Total optimizer steps of the run (a resumed run continues up to this). [default: {DEFAULT_STEPS}]"
@@ -206,7 +209,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         Some(p) => Some(checkpoint::load(p)?),
         None => None,
     };
-    let (model_config, options) = merge_options(args, resumed.as_ref())?;
+    let (model_config, options, init) = merge_options(args, resumed.as_ref())?;
     check_run(&options, resumed.as_ref(), &inject_nan)?;
     let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
@@ -241,6 +244,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         corpus,
         out,
         resume: resumed,
+        init,
         metrics: args.metrics.clone(),
         inject_nan,
         progress,
@@ -333,16 +337,13 @@ impl<'a> Resumed<'a> {
 
 /// Merges the flags with the resumed checkpoint's options and the defaults; checks the shape
 /// of the run (context, batch, spheres, warmup) on the way.
-fn merge_options(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(ModelConfig, RunOptions)> {
+fn merge_options(
+    args: &TrainArgs,
+    resumed: Option<&Checkpoint>,
+) -> CliResult<(ModelConfig, RunOptions, Option<Model>)> {
     let r = Resumed::new(resumed);
-    let config_name = r.pinned("--config", args.config.clone(), |p| p.config_name.clone(), DEFAULT_CONFIG.into())?;
-    let model_config = ModelConfig::preset(&config_name)
-        .ok_or_else(|| Failure::from(crate::err!("{}: unknown model config {config_name:?}", r.state_file)))?;
-    if let Some(c) = resumed {
-        if c.model.config != model_config {
-            usage!("{}: the checkpoint's model {:?} is not the preset {config_name:?}", r.state_file, c.model.config);
-        }
-    }
+    let shape = super::shape::resolve(args.config.as_deref(), &args.shape, resumed, DEFAULT_CONFIG)?;
+    let (config_name, model_config) = (shape.name, shape.config);
     let context = r.pinned("--context", args.context, |p| p.context, model_config.context)?;
     if context > model_config.context {
         usage!("--context {context} is longer than the {config_name} model's context of {}", model_config.context);
@@ -390,7 +391,7 @@ fn merge_options(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(M
         save_every: r.free(args.save_every, |p| p.save_every, DEFAULT_SAVE_EVERY),
         keep: r.free(args.keep, |p| p.keep, DEFAULT_KEEP),
     };
-    Ok((model_config, options))
+    Ok((model_config, options, shape.init))
 }
 
 /// Checks what depends on the merged options: that a resumed run has steps left and a usable

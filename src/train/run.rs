@@ -38,6 +38,9 @@ pub struct RunSpec {
     pub out: PathBuf,
     /// The checkpoint to continue from.
     pub resume: Option<Checkpoint>,
+    /// `--init-from`: the weights a new run starts from (fresh optimizer, step 0) instead of
+    /// the seeded initialisation.
+    pub init: Option<Model>,
     /// JSON-lines metrics file (appended to when resuming).
     pub metrics: Option<PathBuf>,
     /// `(step, microbatch)` gradients to poison with NaN.
@@ -211,7 +214,8 @@ fn start(spec: &RunSpec, train_len: usize) -> Result<(Trainer, BatchSampler, u64
             (c.model.clone(), sampler, c.state.step)
         }
         None => {
-            (Model::new(spec.model_config, o.seed), BatchSampler::new(sampler_seed(o.seed), train_len, o.context), 0)
+            let model = spec.init.clone().unwrap_or_else(|| Model::new(spec.model_config, o.seed));
+            (model, BatchSampler::new(sampler_seed(o.seed), train_len, o.context), 0)
         }
     };
     let mut trainer = Trainer::new(model, o.batch, o.context, o.trainer_options(spec.inject_nan.clone()))?;
