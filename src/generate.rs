@@ -5,10 +5,10 @@
 //! window recomputed from scratch is trivially the same whatever came before it). Randomness
 //! comes from a seeded [`SplitMix64`], so a seed names the same text on every machine.
 
+use crate::bail;
 use crate::error::Result;
 use crate::model::init::SplitMix64;
 use crate::model::{gpt::forward_with_layout, Activations, Model, PackedWeights, ParamLayout};
-use crate::{bail, err};
 
 /// How to sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,6 +38,9 @@ impl SampleOptions {
         Ok(())
     }
 }
+
+/// The token ids that are bytes: generation draws among these.
+const BYTE_IDS: usize = 256;
 
 /// Produces one byte after another from a prompt.
 pub struct Generator<'a> {
@@ -90,12 +93,14 @@ impl<'a> Generator<'a> {
         if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
             bail!("the model's output is not finite (probability {} of byte {i} after {t} bytes): its weights have diverged", probs[i]);
         }
+        // A byte-level model whose vocabulary is larger than 256 (`--vocab-size`) never saw
+        // the other ids in its data: draw among the 256 bytes, in proportion.
+        let probs = &probs[..probs.len().min(BYTE_IDS)];
         let u = self.rng.next_f64();
         let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u);
         if self.window.len() == self.model.config.context {
             self.window.remove(0);
         }
-        // The vocabulary is 256 bytes; a larger model vocabulary would be an id we cannot print.
         let byte = u8::try_from(next).unwrap_or(b'?');
         self.window.push(u32::from(byte));
         Ok(byte)
@@ -110,9 +115,6 @@ pub fn generate(
     opts: SampleOptions,
     mut emit: impl FnMut(u8) -> Result<()>,
 ) -> Result<Vec<u8>> {
-    if model.config.vocab > 256 {
-        return Err(err!("cannot generate bytes from a model with vocabulary {} (> 256)", model.config.vocab));
-    }
     let mut gen = Generator::new(model, prompt, opts)?;
     let mut out = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {

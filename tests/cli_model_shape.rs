@@ -32,6 +32,10 @@ fn shape_flags_override_the_preset_and_reach_the_checkpoint_config() {
     for (key, want) in [("n_layer", 1), ("n_head", 4), ("n_embd", 64), ("n_positions", 32), ("vocab_size", 300)] {
         assert_eq!(config[key], want, "{key}");
     }
+    // A byte-level model with more ids than bytes generates bytes (drawn among the 256).
+    let out = cllm(&["generate", "--checkpoint", s(&run), "--prompt", "RO", "--tokens", "20", "--no-prompt"]);
+    assert_ok(&out);
+    assert_eq!(out.stdout.len(), 20);
     // The shape is the checkpoint's: resuming needs no flags, and contradicting it is an error.
     assert_ok(&cllm(&["train", "--resume", s(&run), "--steps", "3", "--quiet"]));
     let err = assert_fails(&cllm(&["train", "--resume", s(&run), "--steps", "4", "--n-layer", "2"]), 2);
