@@ -34,18 +34,7 @@ fn make(rng: &mut Rng, rows: usize, cols: usize, t: bool, pad: usize) -> (Vec<f3
 
 /// `C (+)= A·B` in f64, then checked against `got` with a tolerance scaled by k.
 #[allow(clippy::too_many_arguments)]
-fn check(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat,
-    b: Mat,
-    c0: &[f32],
-    got: &[f32],
-    c_rs: usize,
-    acc: bool,
-    what: &str,
-) {
+fn check(m: usize, n: usize, k: usize, a: Mat, b: Mat, c0: &[f32], got: &[f32], c_rs: usize, acc: bool, what: &str) {
     // Large products: check every 9th row (plus the last), all columns, so the f64
     // reference stays cheap in debug builds; every row tile kind is still covered.
     let step = if m * n * k > 1 << 22 { 9 } else { 1 };
@@ -176,9 +165,7 @@ fn views_without_a_unit_stride() {
 #[test]
 fn tiny_and_odd_shapes() {
     let mut rng = Rng(0x9e3779b97f4a7c15);
-    for &(m, n, k) in
-        &[(1, 1, 1), (7, 13, 5), (2, 3, 1), (6, 16, 4), (5, 17, 3), (13, 31, 9), (8, 8, 8), (1, 40, 7)]
-    {
+    for &(m, n, k) in &[(1, 1, 1), (7, 13, 5), (2, 3, 1), (6, 16, 4), (5, 17, 3), (13, 31, 9), (8, 8, 8), (1, 40, 7)] {
         exercise(&mut rng, m, n, k);
     }
 }
