@@ -182,7 +182,9 @@ fn every_simd_path_computes_the_same_product_bits() {
                 .expect("the test binary runs");
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
             assert!(out.status.success(), "CLLM_SIMD={p}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-            let digest = stdout.lines().find_map(|l| l.strip_prefix("products digest: ")).map(str::to_string);
+            // The harness prints its "test NAME ... " on the same line, before the digest.
+            let digest = stdout.split("products digest: ").nth(1).and_then(|r| r.split_whitespace().next());
+            let digest = digest.map(str::to_string);
             (p.name(), digest.unwrap_or_else(|| panic!("CLLM_SIMD={p}: no digest in {stdout}")))
         })
         .collect();
