@@ -49,10 +49,10 @@ pub(crate) use multiversion;
 /// Eight-lane f32 arithmetic for the loops the compiler does not vectorize by itself (lane-wise
 /// partial sums, whose lanes it pairs up the wrong way, and long dependency chains such as
 /// [`Simd::exp`]). A loop is written once, generic over `S: Simd`, and run with [`Avx2`] (one
-/// 256-bit register per vector) where the CPU has AVX2 and FMA, else with [`Portable`] (an
-/// array, lane by lane). The lanes' grouping is part of a reduction's bits, so it is eight
-/// lanes on every path (an AVX-512 path would run these in [`Avx2`] too). Every operation is the same IEEE operation in both, fused
-/// multiply-adds included, so both give the same bits.
+/// 256-bit register per vector) on the AVX2 path, else with [`Portable`] (an array, lane by
+/// lane). The lanes' grouping is part of a reduction's bits, so it is eight lanes on every path
+/// (an AVX-512 path would run these in [`Avx2`] too). Every operation is the same IEEE
+/// operation in both, fused multiply-adds included, so both give the same bits.
 pub(crate) trait Simd: Copy {
     type V: Copy;
     /// All lanes `x`.

@@ -28,7 +28,7 @@ use crate::error::Error;
 pub const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CLLM_GIT_COMMIT"), ")");
 
 /// What `cllm --version` prints after the name: [`LONG_VERSION`] and the SIMD path this
-/// process runs, e.g. `0.1.0 (commit 1234abc) simd avx512`.
+/// process runs, e.g. `0.1.0 (commit 1234abc) simd avx2`.
 pub fn version_line(path: crate::simd::Path) -> String {
     format!("{LONG_VERSION} simd {path}")
 }

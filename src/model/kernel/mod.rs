@@ -9,10 +9,9 @@
 //! - AVX2 ([`avx2`]): a 6x16 tile of C held in twelve 256-bit accumulators; every k step loads
 //!   16 packed B values (two vectors) and broadcasts 6 A values, 12 FMAs.
 //! - Portable ([`portable`]): the same 6x16 tile in plain Rust with `f32::mul_add`.
-//! - There is no AVX-512 kernel yet (`CLLM_SIMD=avx512` is a name no CPU has for now; see
+//! - No AVX-512 kernel yet (`CLLM_SIMD=avx512` is reserved and refused; see
 //!   `docs/performance.md#simd-paths`).
-//!
-//!   Edge rows use the same kernel instantiated for 1..=5 rows; edge columns run on
+//! - Edge rows use the same kernel instantiated for 1..=5 rows; edge columns run on
 //!   zero-padded B panels and store only the valid columns.
 //! - B is packed into panels of [`NR`] = 16 columns, the same on every path: panel `j` holds
 //!   `B[p, 16j..16j+16]` for `p` in `0..k`, contiguous, zero-padded past `n`. Any K block of a
@@ -90,7 +89,8 @@ pub fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize,
 }
 
 /// The kernel and the SIMD path its products take in this process, as benchmark reports
-/// (machine.gemm_backend) name it: `"cllm (avx512)"`, `"cllm (avx2)"` or `"cllm (portable)"`.
+/// (machine.gemm_backend) name it: `"cllm (avx2)"` or `"cllm (portable)"` (and, once it has
+/// kernels, `"cllm (avx512)"`).
 pub fn name() -> &'static str {
     name_of(path::current())
 }
