@@ -5,6 +5,10 @@
 //!
 //! `cargo bench --bench model` (criterion report), then a one-screen summary with the model's
 //! GFLOP/s as a fraction of the GEMM peak.
+//!
+//! cllm's rows carry the SIMD path they ran on (`cllm-kernel/avx2`, `small/portable`), so one
+//! binary compares the paths run by run: `CLLM_SIMD=avx2 cargo bench --bench model`, then
+//! `CLLM_SIMD=portable cargo bench --bench model` (see docs/performance.md#simd-paths).
 
 use cllm::model::kernel::Mat;
 use cllm::model::{backward, forward, Activations, Model};
@@ -17,6 +21,15 @@ mod gemm_crates;
 use gemm_crates::{product, Impl, ALL};
 
 const SQUARE: usize = 1024;
+
+/// A benchmark row's name: the crates' as they are, cllm's with the SIMD path it runs on.
+fn row_name(name: &str, which: Impl) -> String {
+    if which == Impl::Cllm {
+        format!("{name}/{}", cllm::simd::path::current())
+    } else {
+        name.to_string()
+    }
+}
 
 fn fill(len: usize) -> Vec<f32> {
     (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
@@ -72,7 +85,7 @@ fn bench_gemm(c: &mut Criterion) {
     g.throughput(Throughput::Elements((2 * SQUARE * SQUARE * SQUARE) as u64));
     g.sample_size(10).measurement_time(Duration::from_secs(3));
     for (name, which) in ALL {
-        g.bench_function(name, |bch| bch.iter(|| square_gemm(which, &a, &b, &mut out)));
+        g.bench_function(row_name(name, which), |bch| bch.iter(|| square_gemm(which, &a, &b, &mut out)));
     }
     g.finish();
 
@@ -85,7 +98,7 @@ fn bench_gemm(c: &mut Criterion) {
         let mut out = vec![0.0f32; m * n];
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
         for (name, which) in ALL {
-            g.bench_with_input(BenchmarkId::new(name, format!("{m}x{n}x{k}")), &(), |bch, _| {
+            g.bench_with_input(BenchmarkId::new(row_name(name, which), format!("{m}x{n}x{k}")), &(), |bch, _| {
                 bch.iter(|| product(which, m, n, k, &mut out, n, Mat::rows(&a, k), Mat::rows(&b, n), false))
             });
         }
@@ -99,7 +112,8 @@ fn bench_model(c: &mut Criterion) {
     for name in ["small", "seed"] {
         let mut case = StepCase::new(name, 8);
         g.throughput(Throughput::Elements(case.tokens() as u64));
-        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| black_box(case.run())));
+        let id = format!("{name}/{}", cllm::simd::path::current());
+        g.bench_function(BenchmarkId::from_parameter(id), |bch| bch.iter(|| black_box(case.run())));
     }
     g.finish();
 }
@@ -124,7 +138,7 @@ fn summary() {
     let mut out = vec![0.0f32; SQUARE * SQUARE];
     let flops = 2.0 * (SQUARE as f64).powi(3);
     let mut peak = 0.0f64;
-    println!("\n== summary (1 thread) ==");
+    println!("\n== summary (1 thread, cllm on the {} path) ==", cllm::simd::path::current());
     for (name, which) in ALL {
         let s = median_secs(7, || square_gemm(which, &a, &b, &mut out));
         let gf = flops / s / 1e9;

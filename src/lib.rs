@@ -9,6 +9,8 @@
 //! - [`model`]: the math, no threads: flat parameter buffer with named views, per-layer
 //!   forward/backward pairs, per-worker activations, initialisation, safetensors weights.
 //! - [`optim`]: AdamW. [`grad`]: gradient scan (NaN/Inf + norm in one pass), clip, scale.
+//! - [`simd`]: the SIMD path (AVX-512, AVX2 or portable), chosen once from the CPU and
+//!   `CLLM_SIMD`, and the run-time dispatch every vectorized loop goes through.
 //! - [`sync`]: the synchronization backend the protocol code is generic over (std; loom and
 //!   shuttle behind features).
 //! - [`train`]: persistent workers, the step barrier, the four strategies, the training loop.
@@ -30,7 +32,7 @@ pub mod grad;
 pub mod model;
 mod names;
 pub mod optim;
-mod simd;
+pub mod simd;
 pub mod sync;
 pub mod tokenizer;
 pub mod train;

@@ -1,13 +1,23 @@
-//! Run-time dispatch of element-wise loops to AVX2+FMA: the loops are written once as plain
-//! scalar Rust, and [`multiversion!`] compiles them twice, for the baseline target and with
-//! AVX2+FMA enabled (where the compiler vectorizes them 8-wide), choosing per call from what the
-//! CPU has, without building the whole binary for one CPU. Rust never contracts a multiply and
-//! an add into an FMA on its own, so both copies compute the same IEEE operations and give the
-//! same bits.
+//! Run-time dispatch to the SIMD path the process runs ([`path::current`]: AVX2 or portable,
+//! chosen once from the CPU and `CLLM_SIMD`; `avx512` is a reserved name, no kernels yet).
+//!
+//! Element-wise loops are written once as plain scalar Rust, and [`multiversion!`] compiles
+//! them twice, for the baseline target and with AVX2+FMA enabled (where the compiler
+//! vectorizes them 8-wide), without building the whole binary for one CPU. Rust never
+//! contracts a multiply and an add into an FMA, nor reassociates, on its own, so both copies
+//! compute the same IEEE operations on each element and give the same bits at any vector
+//! width (a 16-wide copy would too).
+//!
+//! Reductions are different: their bits depend on how partial sums are grouped. They are
+//! written against [`Simd`], eight lanes combined in one fixed tree on every path, so their
+//! bits do not depend on the path either.
 
-/// Defines `$vis fn $name(...) [-> T]` that runs its body compiled for AVX2+FMA when the CPU
-/// has them (detected at run time; the standard library caches the answer) and for the baseline
-/// target otherwise.
+pub mod path;
+
+pub use path::Path;
+
+/// Defines `$vis fn $name(...) [-> T]` that runs its body compiled for AVX2+FMA or for the
+/// baseline target, as [`path::current`] says.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -23,9 +33,9 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
-                    // `avx2`'s target_feature attribute requires.
+                if $crate::simd::path::current() == $crate::simd::Path::Avx2 {
+                    // SAFETY: `current` names the AVX2 path only where `Path::available` found
+                    // AVX2 and FMA, all `avx2`'s target_feature attribute requires.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -39,9 +49,10 @@ pub(crate) use multiversion;
 /// Eight-lane f32 arithmetic for the loops the compiler does not vectorize by itself (lane-wise
 /// partial sums, whose lanes it pairs up the wrong way, and long dependency chains such as
 /// [`Simd::exp`]). A loop is written once, generic over `S: Simd`, and run with [`Avx2`] (one
-/// 256-bit register per vector) where the CPU has AVX2 and FMA, else with [`Portable`] (an
-/// array, lane by lane). Every operation is the same IEEE operation in both, fused
-/// multiply-adds included, so both give the same bits.
+/// 256-bit register per vector) on the AVX2 path, else with [`Portable`] (an array, lane by
+/// lane). The lanes' grouping is part of a reduction's bits, so it is eight lanes on every path
+/// (an AVX-512 path would run these in [`Avx2`] too). Every operation is the same IEEE
+/// operation in both, fused multiply-adds included, so both give the same bits.
 pub(crate) trait Simd: Copy {
     type V: Copy;
     /// All lanes `x`.
@@ -176,9 +187,9 @@ impl Simd for Portable {
     }
 }
 
-/// [`Simd`] in AVX2/FMA registers. Only [`Avx2::detect`] makes one, so holding one proves the
-/// CPU has both; loops over it must still be compiled with those features enabled to be fast
-/// (see [`simd_dispatch!`]).
+/// [`Simd`] in AVX2/FMA registers. Only [`Avx2::detect`] and [`Avx2::for_path`] make one, so
+/// holding one proves the CPU has both; loops over it must still be compiled with those
+/// features enabled to be fast (see [`simd_dispatch!`]).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2(());
@@ -186,9 +197,17 @@ pub(crate) struct Avx2(());
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
     /// `Some` exactly when the CPU has AVX2 and FMA (the standard library caches the answer).
+    #[cfg(test)]
     #[inline(always)]
     pub(crate) fn detect() -> Option<Avx2> {
-        (std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")).then_some(Avx2(()))
+        Path::Avx2.available().then_some(Avx2(()))
+    }
+
+    /// `Some` when the process's path ([`path::current`]) runs reductions in AVX2 registers
+    /// (the AVX2 path, which [`Path::available`] grants only with AVX2 and FMA).
+    #[inline(always)]
+    pub(crate) fn for_path() -> Option<Avx2> {
+        (path::current() == Path::Avx2).then_some(Avx2(()))
     }
 }
 
@@ -297,8 +316,8 @@ mod avx2_impl {
 }
 
 /// Defines `$vis fn $name(...) [-> T]` whose body is generic over a [`Simd`] value named by the
-/// first parameter (`simd: S` below): it runs with [`Avx2`], compiled with AVX2+FMA enabled,
-/// where the CPU has them, else with [`Portable`].
+/// first parameter (`simd: S` below): it runs with [`Avx2`], compiled with AVX2+FMA enabled, on
+/// the AVX2 path, and with [`Portable`] on the portable path ([`path::current`]).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<$s:ident>($simd:ident $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -314,8 +333,8 @@ macro_rules! simd_dispatch {
                 fn avx2(simd: $crate::simd::Avx2 $(, $arg: $ty)*) $(-> $ret)? {
                     body(simd $(, $arg)*)
                 }
-                if let Some(simd) = $crate::simd::Avx2::detect() {
-                    // SAFETY: `detect` returned a token, so the CPU has AVX2 and FMA, which is
+                if let Some(simd) = $crate::simd::Avx2::for_path() {
+                    // SAFETY: `for_path` returned a token, so the CPU has AVX2 and FMA, which is
                     // all `avx2`'s target_feature attribute requires.
                     return unsafe { avx2(simd $(, $arg)*) };
                 }

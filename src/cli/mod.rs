@@ -20,13 +20,20 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::checkpoint::{GIT_COMMIT, VERSION};
 use crate::error::Error;
 
-/// `cllm --version`: the crate version and the commit it was built from.
+/// The crate version and the commit it was built from; `cllm --version` adds the SIMD path
+/// ([`version_line`]).
 pub const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("CLLM_GIT_COMMIT"), ")");
+
+/// What `cllm --version` prints after the name: [`LONG_VERSION`] and the SIMD path this
+/// process runs, e.g. `0.1.0 (commit 1234abc) simd avx2`.
+pub fn version_line(path: crate::simd::Path) -> String {
+    format!("{LONG_VERSION} simd {path}")
+}
 
 /// Train small GPT-2-style byte-level language models on the CPU, deterministically at any
 /// thread count.
@@ -111,7 +118,18 @@ pub(crate) use usage;
 /// stderr and an exit code.
 pub fn main() -> ExitCode {
     install_panic_hook();
-    let cli = match Cli::try_parse() {
+    // CLLM_SIMD is read once, here, before anything runs: a bad value stops every command.
+    let path = match crate::simd::path::selected() {
+        Ok(p) => p,
+        Err(e) => {
+            print_error(e);
+            return ExitCode::from(2);
+        }
+    };
+    // clap wants a 'static version string: made once per process.
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let version = VERSION.get_or_init(|| version_line(path)).as_str();
+    let cli = match Cli::command().version(version).try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => cli,
         Err(e) => return report_clap_error(e),
     };
