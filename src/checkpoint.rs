@@ -376,9 +376,20 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Checks before the first step that checkpoints can be written into `out`: creates, writes,
+/// fsyncs and removes the file `.probe-PID`, so a read-only or full directory fails the run at
+/// once instead of after its last step. The error names the directory.
+pub fn probe_writable(out: &Path) -> Result<()> {
+    let probe = out.join(format!(".probe-{}", std::process::id()));
+    let written = write_synced(&probe, b"cllm write probe\n");
+    let removed = fs::remove_file(&probe);
+    written.map_err(|e| err!("{}: the run directory is not writable ({e})", out.display()))?;
+    removed.map_err(|e| err!("{}: cannot remove the write probe: {e}", out.display()))
+}
+
 /// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID`,
-/// `.replaced-step-*-PID`, `.pruned-step-*-PID`, `.tmp-best-PID` and `.replaced-best-PID`
-/// whose process is gone). Only done where
+/// `.replaced-step-*-PID`, `.pruned-step-*-PID`, `.tmp-best-PID` and `.replaced-best-PID`,
+/// and the write probe `.probe-PID`, whose process is gone). Only done where
 /// `/proc` tells whether a process lives; elsewhere they are left alone, which is harmless.
 pub fn remove_stale_temps(out: &Path) {
     let proc_root = Path::new("/proc/self");
@@ -389,7 +400,7 @@ pub fn remove_stale_temps(out: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if ![".tmp-step-", ".replaced-step-", ".pruned-step-", ".tmp-best-", ".replaced-best-"]
+        if ![".tmp-step-", ".replaced-step-", ".pruned-step-", ".tmp-best-", ".replaced-best-", ".probe-"]
             .iter()
             .any(|p| name.starts_with(p))
         {
@@ -397,7 +408,8 @@ pub fn remove_stale_temps(out: &Path) {
         }
         let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         }
     }
 }

@@ -19,9 +19,12 @@ use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
 use crate::generate::{generate, SampleOptions};
+use crate::memory::{Available, MemoryPlan, RunShape};
+use crate::signals::{self, StopRequest};
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
-    DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEFAULT_SPHERES,
+    DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_EVAL_WINDOWS, MAX_STEPS,
+    MAX_TOKENS_PER_STEP,
 };
 use crate::train::progress::val_text;
 use crate::train::progress::Progress;
@@ -168,6 +171,11 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Output")]
     pub dry_run: bool,
 
+    /// On SIGINT, SIGTERM or SIGHUP, stop after the current step without writing a final
+    /// checkpoint (the last periodic one stays; a second signal always exits at once).
+    #[arg(long, help_heading = "Checkpoints")]
+    pub no_save_on_interrupt: bool,
+
     /// Fault injection for testing: poison microbatch MICROBATCH's gradient with NaN at step
     /// STEP, e.g. 3:0. Repeatable.
     #[arg(long, value_name = "STEP:MICROBATCH", help_heading = "Testing")]
@@ -177,6 +185,8 @@ pub struct TrainArgs {
 /// Everything a run needs, resolved and validated, plus what `--dry-run` prints.
 struct Plan {
     spec: RunSpec,
+    /// What the run will allocate (checked against the memory available in [`resolve`]).
+    memory: MemoryPlan,
     /// The run directory is created only when training starts.
     out_is_new: bool,
 }
@@ -186,6 +196,8 @@ pub fn run(args: TrainArgs) -> CliResult {
     if args.dry_run {
         return print_plan(&plan, args.json);
     }
+    // Before anything is written: a signal from here on is a stop request, never a kill.
+    let stop = StopRequest::install()?;
     if plan.out_is_new {
         std::fs::create_dir_all(&plan.spec.out)
             .map_err(|e| crate::err!("cannot create {}: {e}", plan.spec.out.display()))?;
@@ -194,8 +206,43 @@ pub fn run(args: TrainArgs) -> CliResult {
     // the lock: another run may have written a checkpoint here since they first ran.
     let _lock = checkpoint::lock_run_dir(&plan.spec.out)?;
     check_out_history(&plan.spec.out, plan.spec.resume.as_ref())?;
-    let summary = runner::train(&plan.spec)?;
-    print_summary(&plan, &summary, &args)
+    checkpoint::probe_writable(&plan.spec.out)?;
+    let summary = runner::train(&plan.spec, &stop)?;
+    match summary.interrupted {
+        Some(sig) => report_interrupt(&plan, &summary, sig, &args),
+        None => print_summary(&plan, &summary, &args),
+    }
+}
+
+/// The one line an interrupted run prints: where it stopped, the checkpoint it leaves, the
+/// command that resumes it; then the exit status of the signal (130, 143, 129).
+fn report_interrupt(plan: &Plan, sum: &RunSummary, sig: i32, args: &TrainArgs) -> CliResult {
+    let name = signals::signal_name(sig);
+    let line = match &sum.checkpoint {
+        Some(dir) => format!(
+            "interrupted by {name} at step {} of {}: checkpoint {}; resume with: {}",
+            sum.last_step,
+            plan.spec.options.steps,
+            dir.display(),
+            resume_command(dir, args)
+        ),
+        None => format!(
+            "interrupted by {name} at step {} of {}: no checkpoint written (--no-save-on-interrupt)",
+            sum.last_step, plan.spec.options.steps
+        ),
+    };
+    eprintln!("{line}");
+    Err(Failure::silent(signals::exit_code(sig) as u8))
+}
+
+/// `PROGRAM train --resume DIR`, plus the flags a checkpoint does not record but the run used
+/// (`--metrics`), each a shell word.
+fn resume_command(dir: &Path, args: &TrainArgs) -> String {
+    let mut words = vec![program_name(), "train".into(), "--resume".into(), dir.display().to_string()];
+    if let Some(m) = &args.metrics {
+        words.extend(["--metrics".into(), m.display().to_string()]);
+    }
+    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
 }
 
 /// Resolves every option: a flag given on the command line, else the resumed checkpoint's
@@ -207,8 +254,10 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         None => None,
     };
     let (model_config, options) = merge_options(args, resumed.as_ref())?;
+    check_counts(&options)?;
     check_run(&options, resumed.as_ref(), &inject_nan)?;
     let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
+    let memory = memory_plan(&model_config, &options, corpus.len(), resumed.is_some())?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
     if let Some(c) = &resumed {
         note_new_total(args, c, options.steps);
@@ -246,8 +295,9 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         progress,
         command_line: std::env::args().collect(),
         samples,
+        save_on_interrupt: !args.no_save_on_interrupt,
     };
-    Ok(Plan { spec, out_is_new })
+    Ok(Plan { spec, memory, out_is_new })
 }
 
 /// Checks the numbers and names that are wrong whatever else is given, before touching any
@@ -289,7 +339,52 @@ fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
             usage!("unknown --config {name:?} (expected one of: {})", PRESETS.join(", "));
         }
     }
+    if args.format == Some(DataFormat::Squad) && args.data.is_none() {
+        usage!("--format squad needs --data FILE (the built-in corpus is text)");
+    }
     args.inject_nan.iter().map(|s| parse_inject(s)).collect()
+}
+
+/// Bounds the counts a run loops or allocates from (the bounds a checkpoint's `state.json` is
+/// held to, [`crate::train::options`]), naming the flag; memory is checked by [`memory_plan`].
+fn check_counts(o: &RunOptions) -> CliResult {
+    let counts: [(&str, u64, u64); 3] = [
+        ("--batch", o.batch as u64, MAX_BATCH as u64),
+        ("--steps", o.steps, MAX_STEPS),
+        ("--eval-windows", o.eval_windows as u64, MAX_EVAL_WINDOWS as u64),
+    ];
+    for (flag, value, max) in counts {
+        if value > max {
+            usage!("{flag} {value} is too large (at most {max})");
+        }
+    }
+    if o.batch.checked_mul(o.context).is_none_or(|n| n > MAX_TOKENS_PER_STEP) {
+        usage!(
+            "--batch {} x --context {} is {} tokens a step, more than {MAX_TOKENS_PER_STEP}",
+            o.batch,
+            o.context,
+            o.batch.saturating_mul(o.context)
+        );
+    }
+    Ok(())
+}
+
+/// The run's memory plan, refused (exit 2, nothing allocated) when it exceeds what this process
+/// may allocate.
+fn memory_plan(config: &ModelConfig, o: &RunOptions, data_bytes: usize, resumed: bool) -> CliResult<MemoryPlan> {
+    let shape = RunShape {
+        batch: o.batch,
+        context: o.context,
+        spheres: o.spheres,
+        threads: o.threads,
+        strategy: o.strategy,
+        data_bytes,
+        resumed,
+        saves: true,
+    };
+    let plan = MemoryPlan::for_run(config, &shape).map_err(|e| Failure::usage(e.0))?;
+    plan.check_fits("the run", &Available::now()).map_err(|e| Failure::usage(e.0))?;
+    Ok(plan)
 }
 
 /// The resumed checkpoint's settings, for merging flags with them.
@@ -462,7 +557,7 @@ fn resolve_data(
 fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(PathBuf, bool)> {
     let (out, out_is_new) = match (&args.out, resumed) {
         (Some(o), _) => (o.clone(), !o.exists()),
-        (None, Some(c)) => (c.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), false),
+        (None, Some(c)) => (run_dir_of(&c.dir), false),
         (None, None) => (next_run_dir(Path::new(RUNS_DIR))?, true),
     };
     if out.exists() && !out.is_dir() {
@@ -470,6 +565,19 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
     }
     check_out_history(&out, resumed)?;
     Ok((out, out_is_new))
+}
+
+/// The run directory a checkpoint directory belongs to: its parent, or, when the checkpoint was
+/// reached through a symbolic link (`--resume latest` with `latest -> run/step-000500`), the
+/// real directory's parent, so new checkpoints go into the run and not next to the link. Kept
+/// as given when no link is involved, so messages show the path the user typed.
+fn run_dir_of(dir: &Path) -> PathBuf {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let real_parent = std::fs::canonicalize(dir).ok().and_then(|d| d.parent().map(Path::to_path_buf));
+    match (real_parent, std::fs::canonicalize(&parent).ok()) {
+        (Some(real), Some(given)) if real != given => real,
+        _ => parent,
+    }
 }
 
 /// Refuses a run directory whose checkpoints belong to another history.
@@ -570,7 +678,13 @@ fn next_run_dir(root: &Path) -> CliResult<PathBuf> {
 }
 
 fn print_plan(plan: &Plan, json: bool) -> CliResult {
-    let text = if json { format!("{}\n", plan_json(&plan.spec)?) } else { plan_text(&plan.spec)? };
+    let text = if json {
+        let mut obj = plan_json(&plan.spec)?;
+        obj["memory"] = serde_json::to_value(plan.memory).map_err(crate::Error::from)?;
+        format!("{obj}\n")
+    } else {
+        plan_text(&plan.spec)? + &plan.memory.text()
+    };
     write_stdout(text.as_bytes())
 }
 
@@ -708,7 +822,7 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
             tokens_per_s: sum.tokens_per_s,
             elapsed_s: sum.elapsed_s,
             skipped_updates: sum.skipped_updates,
-            checkpoint: sum.checkpoint.display().to_string(),
+            checkpoint: checkpoint_dir(sum).display().to_string(),
             best_checkpoint: sum.best.as_ref().map(|(d, _)| d.display().to_string()),
             best_val_loss: sum.best.as_ref().map(|(_, v)| v.loss),
             best_val_windows: sum.best.as_ref().map(|(_, v)| v.windows),
@@ -727,7 +841,7 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
         sum.steps_run,
         sum.elapsed_s,
         sum.tokens_per_s,
-        sum.checkpoint.display()
+        checkpoint_dir(sum).display()
     );
     if let Some((dir, v)) = &sum.best {
         text.push_str(&format!("best: {} (lowest periodic {})\n", dir.display(), val_text(v)));
@@ -745,7 +859,7 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
         opts.temperature,
         opts.seed,
         shell_word(&program_name()),
-        shell_word(&sum.checkpoint.display().to_string())
+        shell_word(&checkpoint_dir(sum).display().to_string())
     ));
     write_stdout(text.as_bytes())?;
     let prompt = b"\n";
@@ -753,6 +867,11 @@ fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
     let mut bytes = sample;
     bytes.push(b'\n');
     write_stdout(&bytes)
+}
+
+/// The last checkpoint of a finished run (a run that reaches its total always saves at the end).
+fn checkpoint_dir(sum: &RunSummary) -> &Path {
+    sum.checkpoint.as_deref().unwrap_or(Path::new(""))
 }
 
 /// How this program was invoked (`argv[0]`): `cllm` when found on the PATH (after `cargo
