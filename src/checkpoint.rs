@@ -319,6 +319,7 @@ fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &
         .ok_or_else(|| err!("internal error: state.json has no self_sha256 placeholder"))?;
     state.self_sha256 = self_hash;
     write_synced(&tmp.join(MODEL_FILE), &model_bytes)?;
+    test_delay(CHECKPOINT_DELAY_VAR);
     write_synced(&tmp.join(OPTIM_FILE), &optim_bytes)?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
     sync_dir(tmp)
@@ -374,6 +375,25 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, &e))?;
     }
     Ok(removed)
+}
+
+/// Test-only: milliseconds to sleep in the middle of every checkpoint write (after the model
+/// file, before the moments), so that `tests/crash_safety.rs` can kill a run inside a write.
+/// Unset in normal use; never changes what is written.
+#[doc(hidden)]
+pub const CHECKPOINT_DELAY_VAR: &str = "CLLM_TEST_CHECKPOINT_DELAY_MS";
+/// Test-only: milliseconds to sleep after every training step (`tests/crash_safety.rs` uses
+/// it to signal a run at a known point). Unset in normal use; never changes what is computed.
+#[doc(hidden)]
+pub const STEP_DELAY_VAR: &str = "CLLM_TEST_STEP_DELAY_MS";
+
+/// Sleeps for the milliseconds the test-only variable `var` gives (at most 10 s); nothing
+/// when it is unset or not a number.
+#[doc(hidden)]
+pub fn test_delay(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+    }
 }
 
 /// Checks before the first step that checkpoints can be written into `out`: creates, writes,

@@ -175,6 +175,7 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
             reporter.sample(step, &generate(&model, &s.prompt, s.opts, |_| Ok(()))?)?;
         }
         last_step = step;
+        checkpoint::test_delay(checkpoint::STEP_DELAY_VAR);
         if let Some(sig) = stop.requested() {
             if spec.save_on_interrupt && !due(step, o.save_every, o.steps) {
                 let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
