@@ -218,17 +218,24 @@ pub fn run(args: TrainArgs) -> CliResult {
 /// command that resumes it; then the exit status of the signal (130, 143, 129).
 fn report_interrupt(plan: &Plan, sum: &RunSummary, sig: i32, args: &TrainArgs) -> CliResult {
     let name = signals::signal_name(sig);
-    let line = match &sum.checkpoint {
+    let (step, total) = (sum.last_step, plan.spec.options.steps);
+    // The newest checkpoint of the run: this process's last one, else the one it resumed.
+    let newest = sum.checkpoint.clone().or_else(|| plan.spec.resume.as_ref().map(|c| c.dir.clone()));
+    let saved_here = newest.as_deref().and_then(|d| d.file_name()?.to_str().and_then(checkpoint::parse_step_dir_name));
+    let line = match &newest {
+        Some(dir) if saved_here == Some(step) => format!(
+            "interrupted by {name} at step {step} of {total}: checkpoint {}; resume with: {}",
+            dir.display(),
+            resume_command(dir, args)
+        ),
         Some(dir) => format!(
-            "interrupted by {name} at step {} of {}: checkpoint {}; resume with: {}",
-            sum.last_step,
-            plan.spec.options.steps,
+            "interrupted by {name} at step {step} of {total}: step {step} not saved (--no-save-on-interrupt); newest \
+             checkpoint {}; resume with: {}",
             dir.display(),
             resume_command(dir, args)
         ),
         None => format!(
-            "interrupted by {name} at step {} of {}: no checkpoint written (--no-save-on-interrupt)",
-            sum.last_step, plan.spec.options.steps
+            "interrupted by {name} at step {step} of {total}: no checkpoint written (--no-save-on-interrupt)"
         ),
     };
     eprintln!("{line}");
