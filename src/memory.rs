@@ -224,15 +224,18 @@ impl Available {
         Available { mem_available: crate::data::text::mem_available(), address_space: address_space_left() }
     }
 
-    /// The tighter of the two and where it comes from, `None` when neither is known.
+    /// The tighter of the two, and both as known (`MemAvailable 3.1 GiB; 1.9 GiB left under the
+    /// address-space limit`); `None` when neither is known.
     pub fn limit(&self) -> Option<(u64, String)> {
-        let mem = self.mem_available.map(|m| (m, format!("MemAvailable {}", format_bytes(m))));
-        let aspace =
-            self.address_space.map(|a| (a, format!("{} left under the address-space limit", format_bytes(a))));
-        match (mem, aspace) {
-            (Some(m), Some(a)) => Some(if a.0 < m.0 { a } else { m }),
-            (m, a) => m.or(a),
+        let mut known = Vec::new();
+        if let Some(m) = self.mem_available {
+            known.push((m, format!("MemAvailable {}", format_bytes(m))));
         }
+        if let Some(a) = self.address_space {
+            known.push((a, format!("{} left under the address-space limit", format_bytes(a))));
+        }
+        let min = known.iter().map(|(n, _)| *n).min()?;
+        Some((min, known.into_iter().map(|(_, text)| text).collect::<Vec<_>>().join("; ")))
     }
 }
 
