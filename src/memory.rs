@@ -104,8 +104,8 @@ fn mul(a: u64, b: u64, what: &str) -> Result<u64> {
 impl MemoryPlan {
     /// The plan of a run of `config` shaped as `shape`; an error when a size overflows.
     pub fn for_run(config: &ModelConfig, shape: &RunShape) -> Result<MemoryPlan> {
-        let params = config.checked_num_params().ok_or_else(|| err!("memory plan: the parameter count overflows"))?
-            as u64;
+        let params =
+            config.checked_num_params().ok_or_else(|| err!("memory plan: the parameter count overflows"))? as u64;
         let floats = mul(params, 4, "the weights")?;
         let copies = if shape.resumed { 2 } else { 1 };
         let weights = mul(floats, copies, "the weights")?;
@@ -249,7 +249,7 @@ fn address_space_left() -> Option<u64> {
     }
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = status.lines().find(|l| l.starts_with("VmSize:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((lim.rlim_cur as u64).saturating_sub(kb.saturating_mul(1024)))
+    Some(lim.rlim_cur.saturating_sub(kb.saturating_mul(1024)))
 }
 
 /// `1.5 GiB`, `12.0 MiB`, `3.2 KiB`, `512 B` (binary units, as `free -h` shows memory).
@@ -282,8 +282,14 @@ mod tests {
         let cfg = ModelConfig::tiny();
         for s in Strategy::ALL {
             let p = MemoryPlan::for_run(&cfg, &shape(s, 8, 4, 3)).unwrap();
-            let parts =
-                p.weights + p.adam_moments + p.gradients + p.activations + p.packings + p.evaluation + p.checkpoint + p.data;
+            let parts = p.weights
+                + p.adam_moments
+                + p.gradients
+                + p.activations
+                + p.packings
+                + p.evaluation
+                + p.checkpoint
+                + p.data;
             assert_eq!(p.total, parts, "{s}");
             assert_eq!(p.gradients, p.gradient_buffers * p.params * 4);
             assert_eq!(p.activations, p.activation_workers * p.activations_per_worker);

@@ -110,7 +110,8 @@ fn dry_run_prints_the_memory_plan_as_text_and_json() {
     for part in ["in all", "weights", "AdamW moments", "gradients 5 x", "activations 2 x", "packed weights"] {
         assert!(line.contains(part), "{part:?} missing: {line}");
     }
-    let out = limited(&["train", "--config", "tiny", "--threads", "2", "--strategy", "gradient-lock", "--dry-run", "--json"]);
+    let out =
+        limited(&["train", "--config", "tiny", "--threads", "2", "--strategy", "gradient-lock", "--dry-run", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let m = &v["memory"];
     let get = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("memory.{k} missing: {m}"));

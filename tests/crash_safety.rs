@@ -134,7 +134,9 @@ fn interrupted(out: &Path, sig: i32, extra: &[&str], after_ms: u64) -> Output {
 fn sigint_sigterm_and_sighup_save_a_final_checkpoint_that_resumes_exactly() {
     let root = tempfile::tempdir().unwrap();
     let want = reference(root.path());
-    for (sig, name, code) in [(libc::SIGINT, "SIGINT", 130), (libc::SIGTERM, "SIGTERM", 143), (libc::SIGHUP, "SIGHUP", 129)] {
+    for (sig, name, code) in
+        [(libc::SIGINT, "SIGINT", 130), (libc::SIGTERM, "SIGTERM", 143), (libc::SIGHUP, "SIGHUP", 129)]
+    {
         let out = root.path().join(name);
         let done = interrupted(&out, sig, &[], 0);
         let err = text(&done.stderr);

@@ -74,7 +74,8 @@ fn a_failing_checkpoint_write_keeps_the_previous_one_and_exits_non_zero() {
 fn a_failing_metrics_file_warns_once_and_training_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let done = cllm(&["train", "--config", "tiny", "--steps", "20", "--out", s(&out), "--quiet", "--metrics", "/dev/full"]);
+    let done =
+        cllm(&["train", "--config", "tiny", "--steps", "20", "--out", s(&out), "--quiet", "--metrics", "/dev/full"]);
     assert_ok(&done);
     let err = text(&done.stderr);
     assert_eq!(err.matches("warning:").count(), 1, "{err}");

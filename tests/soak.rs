@@ -58,11 +58,18 @@ struct Tally {
 
 fn soak(strategy: Strategy, steps: u64) -> Tally {
     let inject = poisoned(steps);
-    let opts = TrainerOptions { threads: THREADS, spheres: SPHERES, strategy, inject_nan: inject.clone(), ..Default::default() };
+    let opts = TrainerOptions {
+        threads: THREADS,
+        spheres: SPHERES,
+        strategy,
+        inject_nan: inject.clone(),
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(Model::new(ModelConfig::tiny(), 7), BATCH, SEQ, opts).expect("trainer");
     let mut tally = Tally::default();
     for s in 1..=steps {
-        let r = trainer.step(&tokens(s, 0), &tokens(s, 1000), 1e-3).unwrap_or_else(|e| panic!("{strategy} step {s}: {e}"));
+        let r =
+            trainer.step(&tokens(s, 0), &tokens(s, 1000), 1e-3).unwrap_or_else(|e| panic!("{strategy} step {s}: {e}"));
         let want: Vec<usize> = inject.iter().filter(|(is, _)| *is == s).map(|&(_, m)| m).collect();
         assert_eq!(r.skipped_spheres, want, "{strategy} step {s}: skipped micro-batches");
         assert_eq!(r.update_skipped, want.len() == SPHERES, "{strategy} step {s}");
@@ -84,10 +91,7 @@ fn soak_all(steps: u64) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let before = threads_of_this_process();
     let inject = poisoned(steps);
-    let want = Tally {
-        skipped_spheres: inject.len(),
-        skipped_updates: (1..=steps).filter(|s| s % 97 == 0).count(),
-    };
+    let want = Tally { skipped_spheres: inject.len(), skipped_updates: (1..=steps).filter(|s| s % 97 == 0).count() };
     for strategy in Strategy::ALL {
         let (tx, rx) = mpsc::channel();
         let worker = std::thread::spawn(move || {

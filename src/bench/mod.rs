@@ -25,8 +25,8 @@ pub use report::{Cell, ModelInfo, Report};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
-use crate::model::Model;
 use crate::memory::{Available, MemoryPlan, RunShape};
+use crate::model::Model;
 use crate::train::options::{DEFAULT_CONFIG, DEFAULT_SEED, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_TOKENS_PER_STEP};
 use crate::train::{StepReport, Strategy, Trainer, TrainerOptions, WorkerTiming};
 
@@ -123,7 +123,9 @@ pub(crate) fn resolve_config(name: &str, batch: Option<usize>) -> Result<(ModelC
     };
     let max_batch = MAX_BATCH.min(MAX_TOKENS_PER_STEP / cfg.context);
     if batch > max_batch {
-        crate::bail!("--batch: {batch} is too large for {name} (at most {max_batch}: {MAX_TOKENS_PER_STEP} tokens a step)");
+        crate::bail!(
+            "--batch: {batch} is too large for {name} (at most {max_batch}: {MAX_TOKENS_PER_STEP} tokens a step)"
+        );
     }
     Ok((cfg, batch))
 }

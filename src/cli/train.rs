@@ -234,9 +234,9 @@ fn report_interrupt(plan: &Plan, sum: &RunSummary, sig: i32, args: &TrainArgs) -
             dir.display(),
             resume_command(dir, args)
         ),
-        None => format!(
-            "interrupted by {name} at step {step} of {total}: no checkpoint written (--no-save-on-interrupt)"
-        ),
+        None => {
+            format!("interrupted by {name} at step {step} of {total}: no checkpoint written (--no-save-on-interrupt)")
+        }
     };
     eprintln!("{line}");
     Err(Failure::silent(signals::exit_code(sig) as u8))

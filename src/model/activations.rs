@@ -122,14 +122,12 @@ impl Activations {
         let tt = t.checked_mul(t)?;
         // ln1, atty, res2, ln2, res3 (C each), qkv (3C), fch and fch_gelu (4C each); four [N]
         // statistics; the attention probabilities [B, NH, T, T].
-        let per_block = nc.checked_mul(16)?.checked_add(n.checked_mul(4)?)?.checked_add(b.checked_mul(nh)?.checked_mul(tt)?)?;
+        let per_block =
+            nc.checked_mul(16)?.checked_add(n.checked_mul(4)?)?.checked_add(b.checked_mul(nh)?.checked_mul(tt)?)?;
         // encoded, lnf, d_res, d_ln (C each), d_big (4C), d_qkv (3C); lnf_mean, lnf_rstd,
         // losses [N]; probs [N, V]; d_att [T, T]; inputs and targets (u32) [N] each.
-        let rest = nc
-            .checked_mul(11)?
-            .checked_add(n.checked_mul(5)?)?
-            .checked_add(n.checked_mul(v)?)?
-            .checked_add(tt)?;
+        let rest =
+            nc.checked_mul(11)?.checked_add(n.checked_mul(5)?)?.checked_add(n.checked_mul(v)?)?.checked_add(tt)?;
         per_block.checked_mul(config.layers as u64)?.checked_add(rest)?.checked_mul(4)
     }
 
@@ -166,7 +164,9 @@ impl Activations {
             })
             .unwrap_or(0);
         let rest = self.encoded.len()
-            + self.lnf.len() * 3
+            + self.lnf.len()
+            + self.lnf_mean.len()
+            + self.lnf_rstd.len()
             + self.probs.len()
             + self.losses.len()
             + self.d_res.len()

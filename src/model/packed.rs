@@ -338,8 +338,9 @@ mod tests {
             let cfg = ModelConfig::preset(name).unwrap();
             let p = PackedWeights::new(&ParamLayout::new(&cfg));
             let pair = |x: &PackedPair| x.fwd.panels().len() + x.bwd.panels().len() + 32;
-            let floats: usize = p.blocks.iter().map(|b| pair(&b.qkv) + pair(&b.proj) + pair(&b.fc) + pair(&b.fcproj)).sum::<usize>()
-                + pair(&p.head);
+            let floats: usize =
+                p.blocks.iter().map(|b| pair(&b.qkv) + pair(&b.proj) + pair(&b.fc) + pair(&b.fcproj)).sum::<usize>()
+                    + pair(&p.head);
             assert_eq!(PackedWeights::planned_bytes(&cfg), Some(4 * floats as u64), "{name}");
         }
     }
