@@ -387,12 +387,19 @@ pub const CHECKPOINT_DELAY_VAR: &str = "CLLM_TEST_CHECKPOINT_DELAY_MS";
 #[doc(hidden)]
 pub const STEP_DELAY_VAR: &str = "CLLM_TEST_STEP_DELAY_MS";
 
-/// Sleeps for the milliseconds the test-only variable `var` gives (at most 10 s); nothing
-/// when it is unset or not a number.
+/// The delay the test-only variable `var` asks for (at most 10 s); `None` when it is unset or
+/// not a number.
+#[doc(hidden)]
+pub fn test_delay_of(var: &str) -> Option<std::time::Duration> {
+    let ms = std::env::var(var).ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
+}
+
+/// Sleeps for [`test_delay_of`] `var`, if set.
 #[doc(hidden)]
 pub fn test_delay(var: &str) {
-    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+    if let Some(d) = test_delay_of(var) {
+        std::thread::sleep(d);
     }
 }
 

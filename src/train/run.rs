@@ -139,6 +139,8 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
         best: spec.resume.as_ref().and_then(|_| earlier_best(spec, val_data)),
         ..Tally::default()
     };
+    // Test-only (tests/crash_safety.rs), read once: unset in normal use.
+    let step_delay = checkpoint::test_delay_of(checkpoint::STEP_DELAY_VAR);
     let mut last_step = start_step;
     let mut interrupted = None;
     for step in start_step + 1..=o.steps {
@@ -175,7 +177,9 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
             reporter.sample(step, &generate(&model, &s.prompt, s.opts, |_| Ok(()))?)?;
         }
         last_step = step;
-        checkpoint::test_delay(checkpoint::STEP_DELAY_VAR);
+        if let Some(d) = step_delay {
+            std::thread::sleep(d);
+        }
         if let Some(sig) = stop.requested() {
             if spec.save_on_interrupt && !due(step, o.save_every, o.steps) {
                 let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
