@@ -321,6 +321,7 @@ fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &
         .ok_or_else(|| err!("internal error: state.json has no self_sha256 placeholder"))?;
     state.self_sha256 = self_hash;
     write_synced(&tmp.join(MODEL_FILE), &model_bytes)?;
+    test_delay(CHECKPOINT_DELAY_VAR);
     write_synced(&tmp.join(OPTIM_FILE), &optim_bytes)?;
     write_synced(&tmp.join(STATE_FILE), &json)?;
     // For Hugging Face (`GPT2LMHeadModel.from_pretrained(dir)`); derived from the model's
@@ -381,9 +382,46 @@ pub fn prune(out: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Test-only: milliseconds to sleep in the middle of every checkpoint write (after the model
+/// file, before the moments), so that `tests/crash_safety.rs` can kill a run inside a write.
+/// Unset in normal use; never changes what is written.
+#[doc(hidden)]
+pub const CHECKPOINT_DELAY_VAR: &str = "CLLM_TEST_CHECKPOINT_DELAY_MS";
+/// Test-only: milliseconds to sleep after every training step (`tests/crash_safety.rs` uses
+/// it to signal a run at a known point). Unset in normal use; never changes what is computed.
+#[doc(hidden)]
+pub const STEP_DELAY_VAR: &str = "CLLM_TEST_STEP_DELAY_MS";
+
+/// The delay the test-only variable `var` asks for (at most 10 s); `None` when it is unset or
+/// not a number.
+#[doc(hidden)]
+pub fn test_delay_of(var: &str) -> Option<std::time::Duration> {
+    let ms = std::env::var(var).ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
+}
+
+/// Sleeps for [`test_delay_of`] `var`, if set.
+#[doc(hidden)]
+pub fn test_delay(var: &str) {
+    if let Some(d) = test_delay_of(var) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Checks before the first step that checkpoints can be written into `out`: creates, writes,
+/// fsyncs and removes the file `.probe-PID`, so a read-only or full directory fails the run at
+/// once instead of after its last step. The error names the directory.
+pub fn probe_writable(out: &Path) -> Result<()> {
+    let probe = out.join(format!(".probe-{}", std::process::id()));
+    let written = write_synced(&probe, b"cllm write probe\n");
+    let removed = fs::remove_file(&probe);
+    written.map_err(|e| err!("{}: the run directory is not writable ({e})", out.display()))?;
+    removed.map_err(|e| err!("{}: cannot remove the write probe: {e}", out.display()))
+}
+
 /// Removes temporary directories that killed runs left in `out` (`.tmp-step-*-PID`,
-/// `.replaced-step-*-PID`, `.pruned-step-*-PID`, `.tmp-best-PID` and `.replaced-best-PID`
-/// whose process is gone). Only done where
+/// `.replaced-step-*-PID`, `.pruned-step-*-PID`, `.tmp-best-PID` and `.replaced-best-PID`,
+/// and the write probe `.probe-PID`, whose process is gone). Only done where
 /// `/proc` tells whether a process lives; elsewhere they are left alone, which is harmless.
 pub fn remove_stale_temps(out: &Path) {
     let proc_root = Path::new("/proc/self");
@@ -394,7 +432,7 @@ pub fn remove_stale_temps(out: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if ![".tmp-step-", ".replaced-step-", ".pruned-step-", ".tmp-best-", ".replaced-best-"]
+        if ![".tmp-step-", ".replaced-step-", ".pruned-step-", ".tmp-best-", ".replaced-best-", ".probe-"]
             .iter()
             .any(|p| name.starts_with(p))
         {
@@ -402,7 +440,8 @@ pub fn remove_stale_temps(out: &Path) {
         }
         let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
-            let _ = fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            let _ = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
         }
     }
 }

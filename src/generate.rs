@@ -108,21 +108,35 @@ impl<'a> Generator<'a> {
 }
 
 /// Generates `opts.tokens` bytes after `prompt`, handing each to `emit` as it is produced
-/// (so a caller can stream them), and returns them.
+/// (so a caller can stream them), and returns them. The result grows as bytes come (nothing is
+/// reserved from `opts.tokens`, which may be any number); [`generate_streaming`] keeps none.
 pub fn generate(
     model: &Model,
     prompt: &[u8],
     opts: SampleOptions,
     mut emit: impl FnMut(u8) -> Result<()>,
 ) -> Result<Vec<u8>> {
-    let mut gen = Generator::new(model, prompt, opts)?;
-    let mut out = Vec::with_capacity(opts.tokens);
-    for _ in 0..opts.tokens {
-        let b = gen.next_byte()?;
+    let mut out = Vec::new();
+    generate_streaming(model, prompt, opts, |b| {
         emit(b)?;
         out.push(b);
-    }
+        Ok(())
+    })?;
     Ok(out)
+}
+
+/// As [`generate`], keeping nothing: memory does not depend on `opts.tokens`.
+pub fn generate_streaming(
+    model: &Model,
+    prompt: &[u8],
+    opts: SampleOptions,
+    mut emit: impl FnMut(u8) -> Result<()>,
+) -> Result<()> {
+    let mut gen = Generator::new(model, prompt, opts)?;
+    for _ in 0..opts.tokens {
+        emit(gen.next_byte()?)?;
+    }
+    Ok(())
 }
 
 /// Picks an index from the probabilities `probs` given a uniform `u` in [0, 1).

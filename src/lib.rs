@@ -16,6 +16,9 @@
 //! - [`train`]: persistent workers, the step barrier, the four strategies, the training loop.
 //! - [`data`]: text and SQuAD input, train/validation split, seeded batch sampling.
 //! - [`checkpoint`]: atomic checkpoints with exact resume.
+//! - [`memory`]: the memory plan of a run, checked against the memory available before
+//!   anything is allocated.
+//! - [`signals`]: SIGINT/SIGTERM/SIGHUP as a stop request the training loop checks.
 //! - [`generate`]: sampling text from a model.
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` files: byte-level BPE training, encode, decode.
 //! - [`bench`]: the scaling matrix and its report.
@@ -29,9 +32,11 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod grad;
+pub mod memory;
 pub mod model;
 mod names;
 pub mod optim;
+pub mod signals;
 pub mod simd;
 pub mod sync;
 pub mod tokenizer;

@@ -25,8 +25,9 @@ pub use report::{Cell, ModelInfo, Report};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
+use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
-use crate::train::options::{DEFAULT_CONFIG, DEFAULT_SEED, MAX_DEFAULT_SPHERES};
+use crate::train::options::{DEFAULT_CONFIG, DEFAULT_SEED, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_TOKENS_PER_STEP};
 use crate::train::{StepReport, Strategy, Trainer, TrainerOptions, WorkerTiming};
 
 /// Seed of the model and of the batches: every cell trains the same model on the same data
@@ -120,7 +121,71 @@ pub(crate) fn resolve_config(name: &str, batch: Option<usize>) -> Result<(ModelC
         Some(b) => b,
         None => ModelConfig::preset_batch(name).unwrap_or(8),
     };
+    let max_batch = MAX_BATCH.min(MAX_TOKENS_PER_STEP / cfg.context);
+    if batch > max_batch {
+        crate::bail!(
+            "--batch: {batch} is too large for {name} (at most {max_batch}: {MAX_TOKENS_PER_STEP} tokens a step)"
+        );
+    }
     Ok((cfg, batch))
+}
+
+/// Most timed (and, separately, warmup) steps of a bench cell or a profile run: the batches of
+/// all of them are made before the first step, so they are bounded, and their memory is part
+/// of [`check_memory`].
+pub const MAX_BENCH_STEPS: usize = 100_000;
+
+/// Bounds `--steps` (at least 1) and `--warmup`.
+pub(crate) fn check_steps(steps: usize, warmup: usize) -> Result<()> {
+    if steps == 0 {
+        crate::bail!("--steps: must be at least 1");
+    }
+    for (flag, n) in [("--steps", steps), ("--warmup", warmup)] {
+        if n > MAX_BENCH_STEPS {
+            crate::bail!("{flag}: {n} is too large (at most {MAX_BENCH_STEPS})");
+        }
+    }
+    Ok(())
+}
+
+/// Refuses, with the numbers, a bench or profile run whose largest trainer (over `threads` and
+/// `strategies`) and `batches` pre-made batches do not fit in the memory available
+/// ([`crate::memory`]).
+pub(crate) fn check_memory(
+    cfg: &ModelConfig,
+    batch: usize,
+    spheres: Option<usize>,
+    threads: &[usize],
+    strategies: &[Strategy],
+    batches: usize,
+) -> Result<()> {
+    let spheres = crate::train::resolve_spheres(spheres.unwrap_or(0), batch);
+    // Inputs and targets, u32 each, of every pre-made batch.
+    let data = batches.checked_mul(batch).and_then(|n| n.checked_mul(cfg.context)).and_then(|n| n.checked_mul(8));
+    let data_bytes = data.ok_or_else(|| crate::err!("memory plan: the size of the batches overflows"))?;
+    let mut largest: Option<MemoryPlan> = None;
+    for &strategy in strategies {
+        for &t in threads {
+            let shape = RunShape {
+                batch,
+                context: cfg.context,
+                spheres,
+                threads: t,
+                strategy,
+                data_bytes,
+                resumed: false,
+                saves: false,
+            };
+            let plan = MemoryPlan::for_run(cfg, &shape)?;
+            if largest.is_none_or(|l| plan.total > l.total) {
+                largest = Some(plan);
+            }
+        }
+    }
+    match largest {
+        Some(plan) => plan.check_fits("the run", &Available::now()),
+        None => Ok(()),
+    }
 }
 
 /// Parses a strategy name, with an error naming the flag and the choices.
@@ -137,9 +202,7 @@ pub(crate) fn check_threads(flag: &str, t: usize) -> Result<()> {
 
 fn plan(args: &BenchArgs) -> Result<Plan> {
     let (cfg, batch) = resolve_config(&args.config, args.batch)?;
-    if args.steps == 0 {
-        crate::bail!("--steps: must be at least 1");
-    }
+    check_steps(args.steps, args.warmup)?;
     if args.threads.is_empty() {
         crate::bail!("--threads: give at least one thread count");
     }
@@ -162,6 +225,8 @@ fn plan(args: &BenchArgs) -> Result<Plan> {
             strategies.push((shown, s));
         }
     }
+    let chosen: Vec<Strategy> = strategies.iter().map(|(_, s)| *s).collect();
+    check_memory(&cfg, batch, args.spheres, &threads, &chosen, args.warmup + args.steps)?;
     Ok(Plan { name: args.config.clone(), cfg, batch, seq: cfg.context, threads, strategies })
 }
 

@@ -83,9 +83,7 @@ fn resolve(args: &ProfileArgs) -> Result<Resolved> {
     let (cfg, batch) = resolve_config(&args.config, args.batch)?;
     let threads = args.threads.unwrap_or_else(super::machine::logical_cores);
     check_threads("--threads", threads)?;
-    if args.steps == 0 {
-        crate::bail!("--steps: must be at least 1");
-    }
+    super::check_steps(args.steps, args.warmup)?;
     if !(args.min_seconds.is_finite() && (0.0..=3600.0).contains(&args.min_seconds)) {
         crate::bail!("--min-seconds: {} is outside 0..=3600", args.min_seconds);
     }
@@ -96,6 +94,7 @@ fn resolve(args: &ProfileArgs) -> Result<Resolved> {
         Some(s) => parse_strategy("--strategy", s)?,
         None => Strategy::default(),
     };
+    super::check_memory(&cfg, batch, args.spheres, &[threads], &[strategy], args.warmup + args.steps)?;
     let out = profile_out(args)?;
     if out.is_dir() {
         crate::bail!("--out {}: is a directory", out.display());

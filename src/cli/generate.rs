@@ -8,7 +8,7 @@ use clap::Args;
 use super::{usage, write_stdout, CliResult, Failure};
 use crate::checkpoint::load_model;
 use crate::error::Error;
-use crate::generate::{generate, SampleOptions};
+use crate::generate::{generate_streaming, SampleOptions};
 
 /// Bytes generated when --tokens is not given.
 pub const DEFAULT_TOKENS: usize = 200;
@@ -62,7 +62,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
     }
     let mut out = std::io::stdout().lock();
     let mut closed = false;
-    let result = generate(&model, args.prompt.as_bytes(), opts, |b| {
+    let result = generate_streaming(&model, args.prompt.as_bytes(), opts, |b| {
         // Streamed byte by byte so a slow generation shows progress.
         out.write_all(&[b]).and_then(|()| out.flush()).map_err(|e| {
             closed = e.kind() == std::io::ErrorKind::BrokenPipe;
@@ -73,7 +73,7 @@ pub fn run(args: GenerateArgs) -> CliResult {
         // A closed pipe (`cllm generate | head -c 50`) is the reader saying it has enough.
         Err(_) if closed => return Ok(()),
         Err(e) => return Err(Failure::from(e.context(model_path.display()))),
-        Ok(_) => {}
+        Ok(()) => {}
     }
     // The bytes are the output; a newline is added only for a person at a terminal.
     if out.is_terminal() {

@@ -93,6 +93,13 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// An exit status whose message was already printed (an interrupted run's own line).
+    pub fn silent(code: u8) -> Self {
+        Failure { code, message: String::new() }
+    }
+}
+
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure { code: 1, message: e.0 }
@@ -136,7 +143,9 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            print_error(&f.message);
+            if !f.message.is_empty() {
+                print_error(&f.message);
+            }
             ExitCode::from(f.code)
         }
     }

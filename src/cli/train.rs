@@ -5,28 +5,31 @@
 //! repeats or contradicts its checkpoint from one left out. The defaults are therefore not
 //! clap's; the `[default: …]` of each help line is built from the same constant that
 //! `merge_options` uses (mostly [`crate::train::options`]), and `tests/cli_help.rs` compares
-//! them with what `--dry-run` reports.
+//! them with what `--dry-run` reports. What a run prints is in `report`.
+
+mod report;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde::Serialize;
 
 use super::generate::{DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
-use super::{default_threads, usage, write_stdout, CliResult, Failure};
+use super::{default_threads, usage, CliResult, Failure};
 use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
-use crate::generate::{generate, SampleOptions};
+use crate::generate::SampleOptions;
+use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
+use crate::signals::StopRequest;
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
-    DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_DEFAULT_SPHERES,
+    DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_EVAL_WINDOWS, MAX_STEPS,
+    MAX_TOKENS_PER_STEP,
 };
-use crate::train::progress::val_text;
 use crate::train::progress::Progress;
-use crate::train::run::{self as runner, RunSpec, RunSummary, SampleSpec};
+use crate::train::run::{self as runner, RunSpec, SampleSpec};
 use crate::train::schedule::{default_warmup, DEFAULT_WARMUP_DIVISOR, MAX_DEFAULT_WARMUP, MIN_LR_RATIO};
 use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
 
@@ -171,6 +174,11 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Output")]
     pub dry_run: bool,
 
+    /// On SIGINT, SIGTERM or SIGHUP, stop after the current step without writing a final
+    /// checkpoint (the last periodic one stays; a second signal always exits at once).
+    #[arg(long, help_heading = "Checkpoints")]
+    pub no_save_on_interrupt: bool,
+
     /// Fault injection for testing: poison microbatch MICROBATCH's gradient with NaN at step
     /// STEP, e.g. 3:0. Repeatable.
     #[arg(long, value_name = "STEP:MICROBATCH", help_heading = "Testing")]
@@ -180,6 +188,8 @@ pub struct TrainArgs {
 /// Everything a run needs, resolved and validated, plus what `--dry-run` prints.
 struct Plan {
     spec: RunSpec,
+    /// What the run will allocate (checked against the memory available in [`resolve`]).
+    memory: MemoryPlan,
     /// The run directory is created only when training starts.
     out_is_new: bool,
 }
@@ -187,8 +197,10 @@ struct Plan {
 pub fn run(args: TrainArgs) -> CliResult {
     let plan = resolve(&args)?;
     if args.dry_run {
-        return print_plan(&plan, args.json);
+        return report::print_plan(&plan, args.json);
     }
+    // Before anything is written: a signal from here on is a stop request, never a kill.
+    let stop = StopRequest::install()?;
     if plan.out_is_new {
         std::fs::create_dir_all(&plan.spec.out)
             .map_err(|e| crate::err!("cannot create {}: {e}", plan.spec.out.display()))?;
@@ -197,8 +209,12 @@ pub fn run(args: TrainArgs) -> CliResult {
     // the lock: another run may have written a checkpoint here since they first ran.
     let _lock = checkpoint::lock_run_dir(&plan.spec.out)?;
     check_out_history(&plan.spec.out, plan.spec.resume.as_ref())?;
-    let summary = runner::train(&plan.spec)?;
-    print_summary(&plan, &summary, &args)
+    checkpoint::probe_writable(&plan.spec.out)?;
+    let summary = runner::train(&plan.spec, &stop)?;
+    match summary.interrupted {
+        Some(sig) => report::report_interrupt(&plan, &summary, sig, &args),
+        None => report::print_summary(&plan, &summary, &args),
+    }
 }
 
 /// Resolves every option: a flag given on the command line, else the resumed checkpoint's
@@ -210,8 +226,10 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         None => None,
     };
     let (model_config, options, init) = merge_options(args, resumed.as_ref())?;
+    check_counts(&options)?;
     check_run(&options, resumed.as_ref(), &inject_nan)?;
     let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
+    let memory = memory_plan(&model_config, &options, corpus.len(), resumed.is_some() || init.is_some())?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
     if let Some(c) = &resumed {
         note_new_total(args, c, options.steps);
@@ -250,8 +268,9 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         progress,
         command_line: std::env::args().collect(),
         samples,
+        save_on_interrupt: !args.no_save_on_interrupt,
     };
-    Ok(Plan { spec, out_is_new })
+    Ok(Plan { spec, memory, out_is_new })
 }
 
 /// Checks the numbers and names that are wrong whatever else is given, before touching any
@@ -293,7 +312,52 @@ fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
             usage!("unknown --config {name:?} (expected one of: {})", PRESETS.join(", "));
         }
     }
+    if args.format == Some(DataFormat::Squad) && args.data.is_none() {
+        usage!("--format squad needs --data FILE (the built-in corpus is text)");
+    }
     args.inject_nan.iter().map(|s| parse_inject(s)).collect()
+}
+
+/// Bounds the counts a run loops or allocates from (the bounds a checkpoint's `state.json` is
+/// held to, [`crate::train::options`]), naming the flag; memory is checked by [`memory_plan`].
+fn check_counts(o: &RunOptions) -> CliResult {
+    let counts: [(&str, u64, u64); 3] = [
+        ("--batch", o.batch as u64, MAX_BATCH as u64),
+        ("--steps", o.steps, MAX_STEPS),
+        ("--eval-windows", o.eval_windows as u64, MAX_EVAL_WINDOWS as u64),
+    ];
+    for (flag, value, max) in counts {
+        if value > max {
+            usage!("{flag} {value} is too large (at most {max})");
+        }
+    }
+    if o.batch.checked_mul(o.context).is_none_or(|n| n > MAX_TOKENS_PER_STEP) {
+        usage!(
+            "--batch {} x --context {} is {} tokens a step, more than {MAX_TOKENS_PER_STEP}",
+            o.batch,
+            o.context,
+            o.batch.saturating_mul(o.context)
+        );
+    }
+    Ok(())
+}
+
+/// The run's memory plan, refused (exit 2, nothing allocated) when it exceeds what this process
+/// may allocate.
+fn memory_plan(config: &ModelConfig, o: &RunOptions, data_bytes: usize, resumed: bool) -> CliResult<MemoryPlan> {
+    let shape = RunShape {
+        batch: o.batch,
+        context: o.context,
+        spheres: o.spheres,
+        threads: o.threads,
+        strategy: o.strategy,
+        data_bytes,
+        resumed,
+        saves: true,
+    };
+    let plan = MemoryPlan::for_run(config, &shape).map_err(|e| Failure::usage(e.0))?;
+    plan.check_fits("the run", &Available::now()).map_err(|e| Failure::usage(e.0))?;
+    Ok(plan)
 }
 
 /// The resumed checkpoint's settings, for merging flags with them.
@@ -463,7 +527,7 @@ fn resolve_data(
 fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(PathBuf, bool)> {
     let (out, out_is_new) = match (&args.out, resumed) {
         (Some(o), _) => (o.clone(), !o.exists()),
-        (None, Some(c)) => (c.dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), false),
+        (None, Some(c)) => (run_dir_of(&c.dir), false),
         (None, None) => (next_run_dir(Path::new(RUNS_DIR))?, true),
     };
     if out.exists() && !out.is_dir() {
@@ -471,6 +535,19 @@ fn resolve_out(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Pat
     }
     check_out_history(&out, resumed)?;
     Ok((out, out_is_new))
+}
+
+/// The run directory a checkpoint directory belongs to: its parent, or, when the checkpoint was
+/// reached through a symbolic link (`--resume latest` with `latest -> run/step-000500`), the
+/// real directory's parent, so new checkpoints go into the run and not next to the link. Kept
+/// as given when no link is involved, so messages show the path the user typed.
+fn run_dir_of(dir: &Path) -> PathBuf {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let real_parent = std::fs::canonicalize(dir).ok().and_then(|d| d.parent().map(Path::to_path_buf));
+    match (real_parent, std::fs::canonicalize(&parent).ok()) {
+        (Some(real), Some(given)) if real != given => real,
+        _ => parent,
+    }
 }
 
 /// Refuses a run directory whose checkpoints belong to another history.
@@ -568,208 +645,4 @@ fn parse_inject(s: &str) -> CliResult<(u64, usize)> {
 /// The first free `runs/run-NNN` (not created here: a dry run must not write anything).
 fn next_run_dir(root: &Path) -> CliResult<PathBuf> {
     super::next_numbered(root, "run", "").map_err(|e| Failure::usage(e.0))
-}
-
-fn print_plan(plan: &Plan, json: bool) -> CliResult {
-    let text = if json { format!("{}\n", plan_json(&plan.spec)?) } else { plan_text(&plan.spec)? };
-    write_stdout(text.as_bytes())
-}
-
-/// `--dry-run --json`: one object with every setting the run would use.
-fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
-    let o = &s.options;
-    let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
-    Ok(serde_json::json!({
-        "config": o.config_name,
-        "model": s.model_config,
-        "params": s.model_config.num_params(),
-        "context": o.context,
-        "batch": o.batch,
-        "spheres": o.spheres,
-        "threads": o.threads,
-        "strategy": o.strategy,
-        "tokens_per_step": o.batch * o.context,
-        "start_step": s.resume.as_ref().map(|c| c.state.step).unwrap_or(0),
-        "steps": o.steps,
-        "lr": o.lr,
-        "lr_schedule": o.lr_schedule,
-        "min_lr_ratio": o.min_lr_ratio,
-        "warmup_steps": o.warmup_steps,
-        "clip_norm": o.clip_norm,
-        "clip_mode": o.clip_mode,
-        "seed": o.seed,
-        "data": s.corpus.name,
-        "data_format": s.corpus.format,
-        "data_bytes": s.corpus.len(),
-        "train_bytes": train.len(),
-        "val_bytes": val.len(),
-        "val_fraction": o.val_fraction,
-        "eval_every": o.eval_every,
-        "eval_windows": o.eval_windows,
-        "sample_every": s.samples.as_ref().map_or(DEFAULT_SAMPLE_EVERY, |x| x.every),
-        "save_every": o.save_every,
-        "keep": o.keep,
-        "out": s.out.display().to_string(),
-        "resume": s.resume.as_ref().map(|c| c.dir.display().to_string()),
-    }))
-}
-
-/// `--dry-run`: the plan for a person.
-fn plan_text(s: &RunSpec) -> CliResult<String> {
-    let o = &s.options;
-    let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
-    let c = &s.model_config;
-    let start = s.resume.as_ref().map(|c| c.state.step).unwrap_or(0);
-    let mut text = String::new();
-    text.push_str("dry run: nothing trained, nothing written\n");
-    text.push_str(&format!(
-        "model     {} (layers {}, heads {}, embed {}, context {}), {} parameters\n",
-        o.config_name,
-        c.layers,
-        c.heads,
-        c.embed,
-        c.context,
-        c.num_params()
-    ));
-    text.push_str(&format!(
-        "data      {} ({}), {} bytes: {} train, {} validation\n",
-        s.corpus.name,
-        s.corpus.format,
-        s.corpus.len(),
-        train.len(),
-        val.len()
-    ));
-    text.push_str(&format!(
-        "batch     {} x {} = {} tokens/step, {} spheres, {} threads, strategy {}\n",
-        o.batch,
-        o.context,
-        o.batch * o.context,
-        o.spheres,
-        o.threads,
-        o.strategy
-    ));
-    text.push_str(&format!(
-        "schedule  steps {}..={} of {}, lr {} {} with {} warmup steps, clip {} ({}), seed {}\n",
-        start + 1,
-        o.steps,
-        o.steps,
-        o.lr,
-        o.lr_schedule,
-        o.warmup_steps,
-        o.clip_norm,
-        o.clip_mode,
-        o.seed
-    ));
-    text.push_str(&format!(
-        "output    {} (save every {}, keep {}), validation every {} steps on {} windows\n",
-        s.out.display(),
-        o.save_every,
-        o.keep,
-        o.eval_every,
-        o.eval_windows
-    ));
-    if let Some(r) = &s.resume {
-        text.push_str(&format!("resume    from {} (step {})\n", r.dir.display(), r.state.step));
-    }
-    Ok(text)
-}
-
-/// `train --json` output, keys in this order.
-#[derive(Serialize)]
-struct SummaryJson {
-    steps: u64,
-    steps_run: u64,
-    final_loss: Option<f32>,
-    /// Over the whole validation split.
-    val_loss: Option<f64>,
-    val_windows: Option<usize>,
-    val_tokens: Option<usize>,
-    val_bits_per_byte: Option<f64>,
-    tokens_per_s: f64,
-    elapsed_s: f64,
-    skipped_updates: u64,
-    checkpoint: String,
-    /// `best/`, chosen on the periodic validation (`best_val_windows` windows).
-    best_checkpoint: Option<String>,
-    best_val_loss: Option<f64>,
-    best_val_windows: Option<usize>,
-}
-
-fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> CliResult {
-    let o = &plan.spec.options;
-    if args.json {
-        let obj = SummaryJson {
-            steps: sum.last_step,
-            steps_run: sum.steps_run,
-            final_loss: sum.final_loss,
-            val_loss: sum.val.map(|v| v.loss),
-            val_windows: sum.val.map(|v| v.windows),
-            val_tokens: sum.val.map(|v| v.tokens),
-            val_bits_per_byte: sum.val.map(|v| v.bits_per_byte()),
-            tokens_per_s: sum.tokens_per_s,
-            elapsed_s: sum.elapsed_s,
-            skipped_updates: sum.skipped_updates,
-            checkpoint: sum.checkpoint.display().to_string(),
-            best_checkpoint: sum.best.as_ref().map(|(d, _)| d.display().to_string()),
-            best_val_loss: sum.best.as_ref().map(|(_, v)| v.loss),
-            best_val_windows: sum.best.as_ref().map(|(_, v)| v.windows),
-        };
-        let obj = serde_json::to_string(&obj).map_err(crate::Error::from)?;
-        return write_stdout(format!("{obj}\n").as_bytes());
-    }
-    let val = match &sum.val {
-        Some(v) => format!(", {}, {:.3} bits/byte", val_text(v), v.bits_per_byte()),
-        None => String::new(),
-    };
-    let loss = sum.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "n/a".into());
-    let mut text = format!(
-        "trained to step {} ({} steps in {:.1}s): loss {loss}{val}, {:.0} tokens/s\ncheckpoint: {}\n",
-        sum.last_step,
-        sum.steps_run,
-        sum.elapsed_s,
-        sum.tokens_per_s,
-        sum.checkpoint.display()
-    );
-    if let Some((dir, v)) = &sum.best {
-        text.push_str(&format!("best: {} (lowest periodic {})\n", dir.display(), val_text(v)));
-    }
-    if sum.skipped_updates > 0 {
-        text.push_str(&format!("note: {} updates were skipped for non-finite gradients\n", sum.skipped_updates));
-    }
-    if args.quiet {
-        return write_stdout(text.as_bytes());
-    }
-    let opts =
-        SampleOptions { tokens: SAMPLE_BYTES, temperature: DEFAULT_TEMPERATURE, top_k: DEFAULT_TOP_K, seed: o.seed };
-    text.push_str(&format!(
-        "sample ({SAMPLE_BYTES} bytes, temperature {}, seed {}; more with: {} generate --checkpoint {} --prompt TEXT):\n",
-        opts.temperature,
-        opts.seed,
-        shell_word(&program_name()),
-        shell_word(&sum.checkpoint.display().to_string())
-    ));
-    write_stdout(text.as_bytes())?;
-    let prompt = b"\n";
-    let sample = generate(&sum.model, prompt, opts, |_| Ok(()))?;
-    let mut bytes = sample;
-    bytes.push(b'\n');
-    write_stdout(&bytes)
-}
-
-/// How this program was invoked (`argv[0]`): `cllm` when found on the PATH (after `cargo
-/// install --path .`), `target/release/cllm` under `cargo run --release`. Either way, pasted
-/// into the same shell in the same directory, it runs this binary again, which a bare `cllm`
-/// would not without an install.
-fn program_name() -> String {
-    std::env::args_os().next().map(|a| a.to_string_lossy().into_owned()).unwrap_or_else(|| "cllm".into())
-}
-
-/// `s` as one POSIX shell word: as is when it holds only safe characters, else single-quoted.
-fn shell_word(s: &str) -> String {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./+=:@%,".contains(c);
-    if !s.is_empty() && s.chars().all(safe) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }

@@ -87,8 +87,10 @@ pub(crate) fn io_error(path: &Path, e: &io::Error) -> Error {
 /// Writes `out` through `fill` so that readers see either the old file or the complete new one:
 /// the bytes go to a temporary file in the same directory (same filesystem, so the rename is
 /// atomic), which is fsynced and then renamed over `out`. On error the temporary file is removed
-/// and `out` is untouched.
+/// and `out` is untouched. Temporary files of `out` that killed writers left are removed first
+/// ([`remove_stale_temps`]).
 pub fn write_atomic<T>(out: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<T>) -> Result<T> {
+    remove_stale_temps(out);
     let tmp = temp_path(out);
     let result = (|| {
         let file = File::create(&tmp).map_err(|e| io_error(&tmp, &e))?;
@@ -113,6 +115,30 @@ fn temp_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "out".into());
     name.push(format!(".{}.tmp", std::process::id()));
     out.with_file_name(name)
+}
+
+/// Removes `OUT.<pid>.tmp` files next to `out` whose process is gone (a `prep` killed while
+/// writing leaves one). Only where `/proc` tells whether a process lives; a live writer's file
+/// and any other name are left alone.
+pub fn remove_stale_temps(out: &Path) {
+    let (Some(name), true) = (out.file_name().and_then(|n| n.to_str()), Path::new("/proc/self").exists()) else {
+        return;
+    };
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name)?.strip_prefix('.')?.strip_suffix(".tmp")?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Makes the rename itself durable. Best effort: some filesystems refuse to open directories.

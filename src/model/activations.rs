@@ -110,6 +110,27 @@ impl Activations {
         }
     }
 
+    /// Bytes [`Activations::new`] allocates for `batch` sequences of `seq` positions (the
+    /// inputs and targets included), computed with overflow-checked arithmetic before anything
+    /// is allocated (`None` on overflow). Mirrors `new` line by line; a unit test holds them
+    /// equal.
+    pub fn planned_bytes(config: &ModelConfig, batch: usize, seq: usize) -> Option<u64> {
+        let (c, v, nh) = (config.embed as u64, config.vocab as u64, config.heads as u64);
+        let (b, t) = (batch as u64, seq as u64);
+        let n = b.checked_mul(t)?;
+        let nc = n.checked_mul(c)?;
+        let tt = t.checked_mul(t)?;
+        // ln1, atty, res2, ln2, res3 (C each), qkv (3C), fch and fch_gelu (4C each); four [N]
+        // statistics; the attention probabilities [B, NH, T, T].
+        let per_block =
+            nc.checked_mul(16)?.checked_add(n.checked_mul(4)?)?.checked_add(b.checked_mul(nh)?.checked_mul(tt)?)?;
+        // encoded, lnf, d_res, d_ln (C each), d_big (4C), d_qkv (3C); lnf_mean, lnf_rstd,
+        // losses [N]; probs [N, V]; d_att [T, T]; inputs and targets (u32) [N] each.
+        let rest =
+            nc.checked_mul(11)?.checked_add(n.checked_mul(5)?)?.checked_add(n.checked_mul(v)?)?.checked_add(tt)?;
+        per_block.checked_mul(config.layers as u64)?.checked_add(rest)?.checked_mul(4)
+    }
+
     /// Probabilities over the vocabulary at (sequence `bi`, position `ti`) of the last forward.
     pub fn probs_at(&self, bi: usize, ti: usize) -> &[f32] {
         let v = self.config.vocab;
@@ -143,7 +164,9 @@ impl Activations {
             })
             .unwrap_or(0);
         let rest = self.encoded.len()
-            + self.lnf.len() * 3
+            + self.lnf.len()
+            + self.lnf_mean.len()
+            + self.lnf_rstd.len()
             + self.probs.len()
             + self.losses.len()
             + self.d_res.len()
@@ -152,5 +175,28 @@ impl Activations {
             + self.d_qkv.len()
             + self.d_att.len();
         4 * (per_block * self.blocks.len() + rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planned_bytes_equal_what_new_allocates() {
+        for name in crate::config::PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap();
+            for (b, t) in [(1, 1), (2, cfg.context), (3, cfg.context / 2 + 1)] {
+                let acts = Activations::new(&cfg, b, t);
+                let io = 4 * (acts.inputs.len() + acts.targets.len());
+                assert_eq!(Activations::planned_bytes(&cfg, b, t), Some((acts.bytes() + io) as u64), "{name} {b}x{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn planned_bytes_overflow_is_none() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        assert_eq!(Activations::planned_bytes(&cfg, usize::MAX, 2), None);
     }
 }

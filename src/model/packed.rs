@@ -68,6 +68,20 @@ impl PackedWeights {
         PackedWeights { blocks, head }
     }
 
+    /// Bytes [`PackedWeights::new`] allocates for `config`, overflow-checked (`None` on
+    /// overflow), without allocating: each [`PackedB`] of `k x n` holds `ceil(n / NR) · k · NR`
+    /// floats plus 16 of alignment slack, and every weight is packed in both orientations.
+    pub fn planned_bytes(config: &crate::config::ModelConfig) -> Option<u64> {
+        let (c, v) = (config.embed as u64, config.vocab as u64);
+        let one = |k: u64, n: u64| n.div_ceil(NR as u64).checked_mul(k)?.checked_mul(NR as u64)?.checked_add(16);
+        let pair = |rows: u64, cols: u64| one(rows, cols)?.checked_add(one(cols, rows)?);
+        let block = pair(c, c.checked_mul(3)?)?
+            .checked_add(pair(c, c)?)?
+            .checked_add(pair(c, c.checked_mul(4)?)?)?
+            .checked_add(pair(c.checked_mul(4)?, c)?)?;
+        block.checked_mul(config.layers as u64)?.checked_add(pair(v, c)?)?.checked_mul(4)
+    }
+
     /// Packs the current values of `params` (laid out by `layout`) into the existing buffers;
     /// allocates nothing.
     pub fn pack(&mut self, layout: &ParamLayout, params: &[f32]) {
@@ -316,6 +330,19 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn planned_bytes_equal_what_new_allocates() {
+        for name in crate::config::PRESETS {
+            let cfg = ModelConfig::preset(name).unwrap();
+            let p = PackedWeights::new(&ParamLayout::new(&cfg));
+            let pair = |x: &PackedPair| x.fwd.panels().len() + x.bwd.panels().len() + 32;
+            let floats: usize =
+                p.blocks.iter().map(|b| pair(&b.qkv) + pair(&b.proj) + pair(&b.fc) + pair(&b.fcproj)).sum::<usize>()
+                    + pair(&p.head);
+            assert_eq!(PackedWeights::planned_bytes(&cfg), Some(4 * floats as u64), "{name}");
+        }
     }
 
     #[test]

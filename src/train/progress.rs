@@ -9,7 +9,7 @@
 //! same whatever is shown.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,10 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    /// Opens the metrics file (appended to when `append`, i.e. when resuming) and sets up the
-    /// progress display of a run from `start_step` to `total`.
+    /// Opens the metrics file and sets up the progress display of a run from `start_step` to
+    /// `total`. When `append` (resuming), the file keeps its lines up to `start_step` and loses
+    /// those after it (logged by a run killed past its last checkpoint, and about to be logged
+    /// again), so every step appears once.
     pub(crate) fn new(
         mode: Progress,
         metrics: Option<&Path>,
@@ -60,7 +62,7 @@ impl Reporter {
         total: u64,
     ) -> Result<Self> {
         let metrics = match metrics {
-            Some(p) => Some(MetricsWriter::open(p, append)?),
+            Some(p) => Some(MetricsWriter::open(p, append.then_some(start_step))?),
             None => None,
         };
         Ok(Reporter { ui: Ui::new(mode, start_step, total), metrics })
@@ -68,11 +70,18 @@ impl Reporter {
 
     /// Records a step in the metrics file, then shows it.
     pub(crate) fn step(&mut self, s: &StepOutcome<'_>) -> Result<()> {
-        if let Some(m) = self.metrics.as_mut() {
-            m.write(&step_metrics(s))?;
-        }
+        self.record(&step_metrics(s));
         self.ui.step(s);
         Ok(())
+    }
+
+    /// Writes one metrics line. A failed write (a full disk, a file-size limit) is not worth
+    /// the run: it warns once and stops the metrics, and training goes on.
+    fn record(&mut self, v: &impl Serialize) {
+        if let Some(Err(e)) = self.metrics.as_mut().map(|m| m.write(v)) {
+            self.ui.warn(&format!("warning: {e}; no more metrics are written, training goes on"));
+            self.metrics = None;
+        }
     }
 
     /// Shows that a checkpoint was written.
@@ -89,9 +98,7 @@ impl Reporter {
     /// the metrics file (bytes that are not UTF-8 become U+FFFD there).
     pub(crate) fn sample(&mut self, step: u64, bytes: &[u8]) -> Result<()> {
         let text = String::from_utf8_lossy(bytes);
-        if let Some(m) = self.metrics.as_mut() {
-            m.write(&SampleLine { step, sample: &text })?;
-        }
+        self.record(&SampleLine { step, sample: &text });
         self.ui.line(&format!("step {step} sample: \"{}\"", bytes.escape_ascii()));
         Ok(())
     }
@@ -169,17 +176,25 @@ struct MetricsWriter {
 }
 
 impl MetricsWriter {
-    fn open(path: &Path, append: bool) -> Result<Self> {
+    /// Opens `path` anew, or, resuming after `resume_step`, keeps only its lines up to that step.
+    fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
         if path.is_dir() {
             crate::bail!("--metrics {}: is a directory", path.display());
         }
         let file = OpenOptions::new()
             .create(true)
+            .read(true)
             .write(true)
-            .append(append)
-            .truncate(!append)
+            .truncate(resume_step.is_none())
             .open(path)
             .map_err(|e| crate::err!("cannot open {}: {e}", path.display()))?;
+        let mut file = file;
+        if let Some(step) = resume_step {
+            let keep = lines_up_to(&file, step).map_err(|e| crate::err!("cannot read {}: {e}", path.display()))?;
+            file.set_len(keep)
+                .and_then(|()| file.seek(SeekFrom::End(0)).map(|_| ()))
+                .map_err(|e| crate::err!("cannot truncate {}: {e}", path.display()))?;
+        }
         Ok(MetricsWriter { path: path.to_path_buf(), file: BufWriter::new(file) })
     }
 
@@ -191,6 +206,30 @@ impl MetricsWriter {
             .and_then(|()| self.file.flush())
             .map_err(|e| crate::err!("cannot write {}: {e}", self.path.display()))
     }
+}
+
+/// The length of the leading lines of a metrics file that belong to steps up to `step`: it
+/// ends before the first line of a later step, or one that is not a whole JSON object with a
+/// `step` (the torn last line of a killed run). Read line by line, never whole.
+fn lines_up_to(file: &File, step: u64) -> std::io::Result<u64> {
+    let mut reader = BufReader::new(file);
+    reader.seek(SeekFrom::Start(0))?;
+    let (mut keep, mut line) = (0u64, Vec::new());
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        let line_step = serde_json::from_slice::<StepOnly>(&line).ok().map(|l| l.step);
+        if n == 0 || !line.ends_with(b"\n") || line_step.is_none_or(|s| s > step) {
+            return Ok(keep);
+        }
+        keep += n as u64;
+    }
+}
+
+/// The `step` of a metrics line (a step line or a sample line).
+#[derive(serde::Deserialize)]
+struct StepOnly {
+    step: u64,
 }
 
 /// Progress output on stderr.
@@ -272,6 +311,14 @@ impl Ui {
                 }
             }
             Progress::Lines => eprintln!("{text}"),
+        }
+    }
+
+    /// A warning: shown in every mode, `--quiet` included.
+    fn warn(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
         }
     }
 

@@ -11,6 +11,11 @@
 //! validation split (the same windows every time, so the values compare along the run; the
 //! lowest one picks `best/`), and once more at the end on the whole split, the figure the
 //! summary reports. Every figure carries its window count ([`EvalResult`]).
+//!
+//! A stop request ([`StopRequest`], set by SIGINT/SIGTERM/SIGHUP) is looked at between steps
+//! only: the step in flight completes, then the loop writes a final checkpoint of that step
+//! (unless the run was told not to, or the step's checkpoint was just written) and returns a
+//! summary marked interrupted. The trainer drops on return, which joins every worker.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,6 +31,7 @@ use crate::data::{BatchSampler, Corpus};
 use crate::error::Result;
 use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
+use crate::signals::StopRequest;
 
 /// Everything one run needs, resolved and validated by the caller.
 pub struct RunSpec {
@@ -51,6 +57,8 @@ pub struct RunSpec {
     /// `--sample-every`: a sample from a fixed prompt every so many steps (not recorded in
     /// checkpoints: it does not change what is trained).
     pub samples: Option<SampleSpec>,
+    /// Whether a stop request writes a final checkpoint (`--no-save-on-interrupt` clears it).
+    pub save_on_interrupt: bool,
 }
 
 /// What `--sample-every` samples: `opts.tokens` bytes after `prompt`, every `every` steps, with
@@ -65,7 +73,9 @@ pub struct SampleSpec {
 
 /// What a finished run reports.
 pub struct RunSummary {
-    /// The step the run ended at (= the total).
+    /// The signal whose stop request ended the run early (`None`: it ran to the total).
+    pub interrupted: Option<i32>,
+    /// The step the run ended at (the total, unless interrupted).
     pub last_step: u64,
     /// Steps taken by this process (fewer than `last_step` when resumed).
     pub steps_run: u64,
@@ -81,8 +91,8 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     /// Steps whose update was skipped for non-finite gradients.
     pub skipped_updates: u64,
-    /// The last checkpoint written.
-    pub checkpoint: PathBuf,
+    /// The last checkpoint written (`None` only when interrupted before any was).
+    pub checkpoint: Option<PathBuf>,
     /// The final weights.
     pub model: Model,
 }
@@ -112,8 +122,9 @@ struct Tally {
     last_checkpoint: Option<PathBuf>,
 }
 
-/// Trains according to `spec`, writing checkpoints, metrics and progress.
-pub fn train(spec: &RunSpec) -> Result<RunSummary> {
+/// Trains according to `spec`, writing checkpoints, metrics and progress, until the total or
+/// until `stop` is requested (checked between steps).
+pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
     let started = Instant::now();
     let o = &spec.options;
     let (train_data, val_data) = spec.corpus.split(o.val_fraction, o.context)?;
@@ -131,6 +142,10 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
         best: spec.resume.as_ref().and_then(|_| earlier_best(spec, val_data)),
         ..Tally::default()
     };
+    // Test-only (tests/crash_safety.rs), read once: unset in normal use.
+    let step_delay = checkpoint::test_delay_of(checkpoint::STEP_DELAY_VAR);
+    let mut last_step = start_step;
+    let mut interrupted = None;
     for step in start_step + 1..=o.steps {
         sampler.next_batch(train_data, o.batch, o.context, &mut inputs, &mut targets);
         let lr = lr_at(o.lr_schedule, o.lr, o.min_lr_ratio, o.warmup_steps, step, o.steps);
@@ -164,19 +179,35 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
             let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
             reporter.sample(step, &generate(&model, &s.prompt, s.opts, |_| Ok(()))?)?;
         }
+        last_step = step;
+        if let Some(d) = step_delay {
+            std::thread::sleep(d);
+        }
+        if let Some(sig) = stop.requested() {
+            if spec.save_on_interrupt && !due(step, o.save_every, o.steps) {
+                let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
+                reporter.saved(&dir);
+                tally.last_checkpoint = Some(dir);
+            }
+            interrupted = Some(sig);
+            break;
+        }
     }
     reporter.finish();
-    let steps_run = o.steps - start_step;
-    let checkpoint =
-        tally.last_checkpoint.ok_or_else(|| crate::err!("no step was run: already at step {start_step}"))?;
-    // The summary's validation covers the whole split, not the periodic windows.
-    let val = if val_data.is_empty() {
+    let steps_run = last_step - start_step;
+    if interrupted.is_none() && tally.last_checkpoint.is_none() {
+        crate::bail!("no step was run: already at step {start_step}");
+    }
+    // The summary's validation covers the whole split, not the periodic windows (skipped when
+    // interrupted: the user asked to stop).
+    let val = if val_data.is_empty() || interrupted.is_some() {
         None
     } else {
         Some(evaluate(&spec.model_config, trainer.params(), val_data, o.context, usize::MAX, o.threads)?)
     };
     Ok(RunSummary {
-        last_step: o.steps,
+        interrupted,
+        last_step,
         steps_run,
         final_loss: tally.last_loss,
         val,
@@ -184,7 +215,7 @@ pub fn train(spec: &RunSpec) -> Result<RunSummary> {
         tokens_per_s: (steps_run * tokens_per_step) as f64 / tally.step_time.as_secs_f64().max(1e-9),
         elapsed_s: started.elapsed().as_secs_f64(),
         skipped_updates: tally.skipped_updates,
-        checkpoint,
+        checkpoint: tally.last_checkpoint,
         model: Model::from_params(spec.model_config, trainer.params().to_vec())?,
     })
 }
