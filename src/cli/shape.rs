@@ -132,11 +132,12 @@ pub fn resolve(
     }
     if let Some(c) = resumed {
         if config != c.model.config {
+            let flags = model_flags(preset, args);
             usage!(
-                "the model {} contradicts the checkpoint's {} ({}); drop the model flags to resume, or start a new run",
+                "{flags} give the model {}, which contradicts the checkpoint's {} ({}); drop them to resume, or start a new run",
                 summary(&config),
                 summary(&c.model.config),
-                c.dir.display()
+                c.dir.join(checkpoint::STATE_FILE).display()
             );
         }
         name = c.state.options.config_name.clone();
@@ -163,6 +164,16 @@ fn read_shape_file(path: &Path) -> CliResult<ModelConfig> {
         .map_err(|e| crate::err!("{shown}: not a model shape {{{}}}: {e}", KEYS.join(", ")))?;
     config.validate().map_err(|e| crate::err!("{shown}: {e}"))?;
     Ok(config)
+}
+
+/// The model flags given, for messages: "--config small", "--n-layer 3 --n-head 2".
+fn model_flags(preset: Option<&str>, args: &ShapeArgs) -> String {
+    let mut parts: Vec<String> = preset.map(|p| format!("--config {p}")).into_iter().collect();
+    if let Some(f) = &args.model_config {
+        parts.push(format!("--model-config {}", f.display()));
+    }
+    parts.extend(args.overrides().into_iter().map(|(flag, v, _)| format!("{flag} {v}")));
+    parts.join(" ")
 }
 
 fn summary(c: &ModelConfig) -> String {
