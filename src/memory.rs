@@ -125,7 +125,9 @@ impl MemoryPlan {
                 .ok_or_else(|| err!("memory plan: the size of the evaluation activations overflows"))?;
             let eval_threads = shape.threads as u64;
             // Model copy, its bytes, the serialized model; both moments as bytes, serialized.
-            (mul(eval_acts.saturating_add(packing), eval_threads, "the evaluation")?, mul(floats, 7, "a checkpoint")?)
+            // Per thread its activations; one packing shared by the threads.
+            let acts = mul(eval_acts, eval_threads, "the evaluation")?;
+            (acts.saturating_add(packing), mul(floats, 7, "a checkpoint")?)
         } else {
             (0, 0)
         };

@@ -62,6 +62,9 @@ pub fn evaluate(
     let threads = threads.clamp(1, batches.len());
     let layout = ParamLayout::new(config);
     let mut sums = vec![0.0f64; batches.len()];
+    // One packing of the weights for every thread: they only read it.
+    let mut packed = PackedWeights::new(&layout);
+    packed.pack(&layout, params);
     std::thread::scope(|s| {
         // Batch k goes to thread k % threads, each thread owning its activations and the
         // slots of its batches.
@@ -70,11 +73,9 @@ pub fn evaluate(
             slots[k % threads].push((k, slot));
         }
         for mine in slots {
-            let (layout, batches) = (&layout, &batches);
+            let (layout, batches, packed) = (&layout, &batches, &packed);
             s.spawn(move || {
                 let mut acts = Activations::new(config, EVAL_BATCH, t);
-                let mut packed = PackedWeights::new(layout);
-                packed.pack(layout, params);
                 let mut inputs = Vec::with_capacity(EVAL_BATCH * t);
                 let mut targets = Vec::with_capacity(EVAL_BATCH * t);
                 for (k, slot) in mine {
@@ -87,7 +88,7 @@ pub fn evaluate(
                     }
                     let b = batch.len();
                     let mean =
-                        forward_with_layout(layout, params, Some(&packed), &mut acts, &inputs, Some(&targets), b, t);
+                        forward_with_layout(layout, params, Some(packed), &mut acts, &inputs, Some(&targets), b, t);
                     *slot = f64::from(mean) * (b * t) as f64;
                 }
             });
