@@ -64,13 +64,14 @@ fn numbers(note: &str) -> Vec<u64> {
 }
 
 /// Flags whose default is a plain value, by the key the dry run reports it under.
-const LITERAL: [(&str, &str); 14] = [
+const LITERAL: [(&str, &str); 15] = [
     ("--config", "config"),
     ("--steps", "steps"),
     ("--lr", "lr"),
     ("--lr-schedule", "lr_schedule"),
     ("--clip-norm", "clip_norm"),
     ("--clip-mode", "clip_mode"),
+    ("--weight-decay", "weight_decay"),
     ("--seed", "seed"),
     ("--strategy", "strategy"),
     ("--val-fraction", "val_fraction"),

@@ -109,6 +109,18 @@ pub struct TrainArgs {
         "Which gradient is clipped to --clip-norm. [default: {}]", ClipMode::default()
     ))]
     pub clip_mode: Option<ClipMode>,
+    #[arg(
+        long,
+        value_name = "WD",
+        allow_negative_numbers = true,
+        help_heading = "Optimization",
+        help = "Decoupled AdamW weight decay of the linear layers' weights (GPT-2 practice: not biases, LayerNorm \
+         parameters or, unless --decay-embeddings, the embeddings). [default: 0]"
+    )]
+    pub weight_decay: Option<f32>,
+    /// Apply --weight-decay to the token and position embeddings too.
+    #[arg(long, help_heading = "Optimization")]
+    pub decay_embeddings: bool,
     #[arg(long, value_name = "S", help_heading = "Optimization", help = format!(
         "Seed of the model initialisation and of batch sampling. [default: {DEFAULT_SEED}]"
     ))]
@@ -302,6 +314,11 @@ fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
             usage!("--clip-norm must be a number >= 0 (0 disables clipping), got {c}");
         }
     }
+    if let Some(wd) = args.weight_decay {
+        if !wd.is_finite() || wd < 0.0 {
+            usage!("--weight-decay must be a number >= 0, got {wd}");
+        }
+    }
     if let Some(f) = args.val_fraction {
         if !(0.0..1.0).contains(&f) {
             usage!("--val-fraction must be in [0, 1), got {f}");
@@ -425,6 +442,9 @@ fn merge_options(
     let lr_schedule = r.pinned("--lr-schedule", args.lr_schedule, |p| p.lr_schedule, LrSchedule::default())?;
     let clip_norm = r.pinned("--clip-norm", args.clip_norm, |p| p.clip_norm, DEFAULT_CLIP_NORM)?;
     let clip_mode = r.pinned("--clip-mode", args.clip_mode, |p| p.clip_mode, ClipMode::default())?;
+    let weight_decay = r.pinned("--weight-decay", args.weight_decay, |p| p.weight_decay, 0.0)?;
+    let decay_embeddings =
+        r.pinned("--decay-embeddings", args.decay_embeddings.then_some(true), |p| p.decay_embeddings, false)?;
     let val_fraction = r.pinned("--val-fraction", args.val_fraction, |p| p.val_fraction, DEFAULT_VAL_FRACTION)?;
     // The total may grow on resume (training further); the schedule then follows the new total.
     let steps = r.free(args.steps, |p| p.steps, DEFAULT_STEPS);
@@ -449,6 +469,8 @@ fn merge_options(
         strategy: r.free(args.strategy, |p| p.strategy, Strategy::default()),
         clip_norm,
         clip_mode,
+        weight_decay,
+        decay_embeddings,
         val_fraction,
         eval_every: r.free(args.eval_every, |p| p.eval_every, DEFAULT_EVAL_EVERY),
         eval_windows: r.free(args.eval_windows, |p| p.eval_windows, DEFAULT_EVAL_WINDOWS),

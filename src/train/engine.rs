@@ -17,6 +17,7 @@ use super::tally::{StepCounters, StepTally};
 use super::timing::{Clock, WorkerTiming};
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
+use crate::optim::DecayMask;
 use crate::sync::{AtomicUsizeApi, Backend, CellApi, ChunkedBuf, MutexApi};
 use crate::{bail, Error, Result};
 use std::sync::atomic::Ordering;
@@ -137,6 +138,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             clip_norm: opts.clip_norm,
             clip_mode: opts.clip_mode,
             adamw: opts.adamw,
+            decay: opts.decay_mask.clone().unwrap_or_else(|| DecayMask::all(p)),
             inject_nan: opts.inject_nan.clone(),
             barrier,
             control: B::Cell::new(Control::default()),

@@ -54,7 +54,7 @@ pub use timing::{StepTimings, WorkerTiming};
 pub use trainer::Trainer;
 pub use workload::{GptWorkload, ScaleWorkload, StepBatch, Workload};
 
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, DecayMask};
 use serde::Serialize;
 
 /// Most worker threads an engine accepts (the CLI, `bench` and the engines share this bound).
@@ -74,6 +74,8 @@ pub struct TrainerOptions {
     pub clip_norm: f32,
     pub clip_mode: ClipMode,
     pub adamw: AdamWConfig,
+    /// The parameters `adamw.weight_decay` applies to (`None`: all of them).
+    pub decay_mask: Option<DecayMask>,
     /// After this many consecutive steps without a valid micro-batch, `step` returns an error
     /// (0: never). Default 3.
     pub max_skipped_steps: usize,
@@ -94,6 +96,7 @@ impl Default for TrainerOptions {
             clip_norm: options::DEFAULT_CLIP_NORM,
             clip_mode: ClipMode::default(),
             adamw: AdamWConfig::default(),
+            decay_mask: None,
             max_skipped_steps: 3,
             inject_nan: Vec::new(),
             chunk_size: DEFAULT_CHUNK,

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::LrSchedule;
 use super::{ClipMode, Strategy, TrainerOptions};
+use crate::model::ParamLayout;
+use crate::optim::{AdamWConfig, DecayMask};
 
 /// Default model preset.
 pub const DEFAULT_CONFIG: &str = "small";
@@ -74,6 +76,14 @@ pub struct RunOptions {
     pub strategy: Strategy,
     pub clip_norm: f32,
     pub clip_mode: ClipMode,
+    /// Decoupled AdamW weight decay of the linear layers' weights (GPT-2 practice: never
+    /// biases or LayerNorm parameters; see [`crate::optim::DecayMask::gpt2`]). Absent from
+    /// `state.json` when 0, so runs without it record the same bytes as before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_decay: f32,
+    /// Weight decay applies to the token and position embeddings too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub decay_embeddings: bool,
     pub val_fraction: f64,
     pub eval_every: u64,
     pub eval_windows: usize,
@@ -115,6 +125,7 @@ impl RunOptions {
             ("lr", self.lr > 0.0 && self.lr.is_finite()),
             ("min_lr_ratio", (0.0..=1.0).contains(&self.min_lr_ratio)),
             ("clip_norm", self.clip_norm >= 0.0 && self.clip_norm.is_finite()),
+            ("weight_decay", self.weight_decay >= 0.0 && self.weight_decay.is_finite()),
             ("val_fraction", (0.0..1.0).contains(&self.val_fraction)),
         ];
         match finite.iter().find(|(_, ok)| !ok) {
@@ -123,10 +134,13 @@ impl RunOptions {
         }
     }
 
-    /// The engine's options for this run; `inject_nan` (fault injection, never recorded in a
-    /// checkpoint) comes from the command line.
-    pub fn trainer_options(&self, inject_nan: Vec<(u64, usize)>) -> TrainerOptions {
+    /// The engine's options for this run over `layout` (which the weight-decay mask covers);
+    /// `inject_nan` (fault injection, never recorded in a checkpoint) comes from the command
+    /// line.
+    pub fn trainer_options(&self, inject_nan: Vec<(u64, usize)>, layout: &ParamLayout) -> TrainerOptions {
         TrainerOptions {
+            adamw: AdamWConfig { weight_decay: self.weight_decay, ..AdamWConfig::default() },
+            decay_mask: Some(DecayMask::gpt2(layout, self.decay_embeddings)),
             threads: self.threads,
             spheres: self.spheres,
             strategy: self.strategy,
@@ -136,4 +150,9 @@ impl RunOptions {
             ..TrainerOptions::default()
         }
     }
+}
+
+/// For serde: a weight decay of 0 is left out of `state.json`.
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }

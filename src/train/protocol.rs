@@ -58,7 +58,7 @@ use super::tally::{scaling, sphere_factor};
 use super::timing::{Clock, WorkerTiming};
 use super::workload::{StepBatch, Workload};
 use crate::grad::{self, Scan};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, DecayMask};
 use crate::sync::{Backend, CellApi, ChunkedBuf};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -107,6 +107,8 @@ pub(super) struct Shared<B: Backend, W: Workload> {
     pub clip_norm: f32,
     pub clip_mode: ClipMode,
     pub adamw: AdamWConfig,
+    /// The parameters the weight decay applies to.
+    pub decay: DecayMask,
     /// (step, micro-batch) pairs whose gradient gets a NaN written into it.
     pub inject_nan: Vec<(u64, usize)>,
     pub barrier: Barrier<B>,
@@ -365,8 +367,10 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             self.weights.write_chunk(c, |p| {
                 self.sum.read_chunk(c, |g| {
                     self.adam_m.write_chunk(c, |m| {
-                        self.adam_v
-                            .write_chunk(c, |v| self.adamw.update_chunk(p, g, m, v, ctl.t_next, ctl.lr, grad_scale))
+                        self.adam_v.write_chunk(c, |v| {
+                            let (t, lr) = (ctl.t_next, ctl.lr);
+                            self.adamw.update_masked(start, &self.decay, p, g, m, v, t, lr, grad_scale)
+                        })
                     })
                 });
                 // While this worker still owns the chunk: what the workload derives from it (the

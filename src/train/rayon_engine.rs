@@ -15,7 +15,7 @@ use super::timing::WorkerTiming;
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
 use crate::grad::{self, Scan};
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, DecayMask};
 use crate::{bail, err, Result};
 use rayon::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -65,6 +65,7 @@ pub struct RayonEngine<W: Workload> {
     clip_norm: f32,
     clip_mode: super::ClipMode,
     adamw: AdamWConfig,
+    decay: DecayMask,
     inject_nan: Vec<(u64, usize)>,
     counters: StepCounters,
     /// Steps run by this engine: the weights version the workload sees.
@@ -73,6 +74,7 @@ pub struct RayonEngine<W: Workload> {
 
 impl<W: Workload> RayonEngine<W> {
     pub fn new(workload: W, params: Vec<f32>, rows: usize, seq: usize, opts: &TrainerOptions) -> Result<Self> {
+        let n_params = params.len();
         let p = workload.num_params();
         let spheres = validate(opts, rows, seq, p)?;
         if params.len() != p {
@@ -97,6 +99,7 @@ impl<W: Workload> RayonEngine<W> {
             clip_norm: opts.clip_norm,
             clip_mode: opts.clip_mode,
             adamw: opts.adamw,
+            decay: opts.decay_mask.clone().unwrap_or_else(|| DecayMask::all(n_params)),
             inject_nan: opts.inject_nan.clone(),
             counters: StepCounters::new(opts.max_skipped_steps),
             published: 0,
@@ -223,14 +226,17 @@ impl<W: Workload> RayonEngine<W> {
         // A sum of finite gradients can still overflow f32: `finish` skips such an update too.
         if let Some(s) = tally.finish(total, clip_norm, clip_mode) {
             let t2 = Instant::now();
-            let (adamw, t, g) = (self.adamw, self.counters.t + 1, &self.sum);
+            let (adamw, t, g, decay) = (self.adamw, self.counters.t + 1, &self.sum, &self.decay);
             let (p, m, v) = (&mut self.params, &mut self.m, &mut self.v);
             self.pool.install(|| {
                 p.par_chunks_mut(chunk)
                     .zip(g.par_chunks(chunk))
                     .zip(m.par_chunks_mut(chunk))
                     .zip(v.par_chunks_mut(chunk))
-                    .for_each(|(((p, g), m), v)| adamw.update_chunk(p, g, m, v, t, lr, s.grad_scale))
+                    .enumerate()
+                    .for_each(|(i, (((p, g), m), v))| {
+                        adamw.update_masked(i * chunk, decay, p, g, m, v, t, lr, s.grad_scale)
+                    })
             });
             timing.optimizer = t2.elapsed();
         }

@@ -8,6 +8,7 @@ use super::tally::{scaling, sphere_factor};
 use super::workload::{StepBatch, Workload};
 use super::TrainerOptions;
 use crate::grad;
+use crate::optim::DecayMask;
 
 /// What a reference step decided.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +100,10 @@ impl<W: Workload> Reference<W> {
         let total = self.sum.chunks(o.chunk_size).map(grad::sqnorm).fold(0.0f64, |a, x| a + x);
         let sc = scaling(total, n_valid, o.clip_norm, o.clip_mode);
         self.t += 1;
-        o.adamw.update_chunk(&mut self.params, &self.sum, &mut self.m, &mut self.v, self.t, lr, sc.grad_scale);
+        let all = DecayMask::all(self.params.len());
+        let decay = o.decay_mask.as_ref().unwrap_or(&all);
+        let (p, g, m, v) = (&mut self.params, &self.sum, &mut self.m, &mut self.v);
+        o.adamw.update_masked(0, decay, p, g, m, v, self.t, lr, sc.grad_scale);
         ReferenceStep {
             loss: (loss / n_valid as f64) as f32,
             skipped_spheres: skipped,

@@ -249,7 +249,8 @@ fn start(spec: &RunSpec, train_len: usize) -> Result<(Trainer, BatchSampler, u64
             (model, BatchSampler::new(sampler_seed(o.seed), train_len, o.context), 0)
         }
     };
-    let mut trainer = Trainer::new(model, o.batch, o.context, o.trainer_options(spec.inject_nan.clone()))?;
+    let opts = o.trainer_options(spec.inject_nan.clone(), &model.layout);
+    let mut trainer = Trainer::new(model, o.batch, o.context, opts)?;
     if let Some(c) = &spec.resume {
         trainer.set_adam_state(&c.adam_m, &c.adam_v, c.state.adam_t)?;
         trainer.set_step(start_step);

@@ -85,6 +85,8 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
         "warmup_steps": o.warmup_steps,
         "clip_norm": o.clip_norm,
         "clip_mode": o.clip_mode,
+        "weight_decay": o.weight_decay,
+        "decay_embeddings": o.decay_embeddings,
         "seed": o.seed,
         "data": s.corpus.name,
         "data_format": s.corpus.format,
