@@ -183,7 +183,8 @@ impl Workload for GptWorkload {
     }
 }
 
-/// What [`ScaleWorkload::order_probe`] adds: 2^24, where the spacing of f32 is 2.
+/// Micro-batch 0's probe value under [`ScaleWorkload::order_probe`]: 2^24, where the spacing
+/// of f32 is 2.
 pub const ORDER_PROBE: f32 = 16_777_216.0;
 
 /// A fake workload for protocol checks: `grad[i] = weights[i] * (mb + 1) + first input token of
@@ -202,8 +203,9 @@ pub struct ScaleWorkload<B: Backend = Std> {
     calls: Vec<AtomicUsize>,
     /// Panic when computing this micro-batch (to test worker-panic propagation).
     pub panic_on: Option<usize>,
-    /// Add [`ORDER_PROBE`] to micro-batch 0's gradient: sums with it round, so the order in
-    /// which gradients are added shows in the bits (for checking the summation tree's order).
+    /// Replace the first entry of every gradient by [`ORDER_PROBE`] (micro-batch 0) or 1.0
+    /// (the others): `(2^24 + 1) + 1` rounds to `2^24` while `2^24 + (1 + 1)` is exact, so the
+    /// order in which the gradients are added shows in that entry's bits.
     pub order_probe: bool,
     /// The derived copy of the weights.
     derived: ChunkedBuf<B>,
@@ -282,10 +284,13 @@ impl<B: Backend> Workload for ScaleWorkload<B> {
             panic!("ScaleWorkload: injected panic in micro-batch {mb}");
         }
         let tok = batch.micro(mb, spheres).0.first().copied().unwrap_or(0) as f32;
-        let probe = if self.order_probe && mb == 0 { ORDER_PROBE } else { 0.0 };
+        let probe = if mb == 0 { ORDER_PROBE } else { 1.0 };
         let fill = |weights: &[f32], grad: &mut [f32]| {
             for (g, w) in grad.iter_mut().zip(weights) {
-                *g = w * (mb + 1) as f32 + tok + probe;
+                *g = w * (mb + 1) as f32 + tok;
+            }
+            if let Some(g) = grad.first_mut().filter(|_| self.order_probe) {
+                *g = probe;
             }
         };
         // SAFETY: `derived_for` is written only between steps (`derived_valid_for`), and the
