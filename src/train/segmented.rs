@@ -3,7 +3,8 @@
 //! Compute: worker `k` computes its contiguous micro-batches in order, each into a free buffer
 //! of its own (buffers `plan.first_buf[k]..plan.first_buf[k + 1]`), scans it and applies its
 //! per-sphere clip factor; then it pushes the leaf on its stack and merges while the top two
-//! entries are siblings: the right one is added into the left one's buffer and freed. A
+//! entries are siblings: the right one is added into the left one's buffer and freed (the
+//! merges one leaf sets off are folded in one pass over tiles, the same additions). A
 //! skipped micro-batch is an entry without a buffer, and a merge with it keeps the other side
 //! unchanged. At the end the stack is the worker's blocks, published in `tops` (the buffer of
 //! each block, if any).
@@ -34,6 +35,9 @@ use crate::sync::{AtomicUsizeApi, Backend, CellApi};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 
+/// Floats per tile of a merge cascade (16 KiB: stays in L1 beside the streamed buffers).
+const CASCADE_TILE: usize = 4096;
+
 /// A worker's state for the tree, allocated once.
 #[derive(Debug, Default)]
 pub(super) struct TreeLocal {
@@ -42,6 +46,9 @@ pub(super) struct TreeLocal {
     stack: Vec<(Range<usize>, Option<usize>)>,
     /// This worker's free buffers.
     free: Vec<usize>,
+    /// The present buffers of one merge cascade, and the tile it is folded through.
+    cascade: Vec<usize>,
+    tile: Vec<f32>,
     /// The reduction's program and the buffer of each block.
     program: Program,
     tops: Vec<Option<usize>>,
@@ -59,6 +66,8 @@ impl TreeLocal {
         TreeLocal {
             stack: Vec::with_capacity(own + 1),
             free: Vec::with_capacity(own),
+            cascade: Vec::with_capacity(own + 1),
+            tile: vec![0.0; CASCADE_TILE],
             tops: Vec::with_capacity(plan.blocks.len()),
             tmp: vec![0.0; levels * chunk],
             program,
@@ -109,26 +118,49 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         }
     }
 
-    /// The binary counter: while the top two stack entries are siblings, merge them.
+    /// The binary counter: while the top two stack entries are siblings, merge them. The
+    /// merges a new leaf sets off form one cascade (each merge's result is the right sibling
+    /// of the next), so they are done in one pass: [`Self::fold_cascade`].
     fn merge_siblings(&self, t: &mut TreeLocal) {
-        while t.stack.len() >= 2 {
-            let n = t.stack.len();
-            let ((x, bx), (y, by)) = (t.stack[n - 2].clone(), t.stack[n - 1].clone());
-            if !tree::siblings(self.spheres, &x, &y) {
-                break;
-            }
-            let buf = match (bx, by) {
-                (Some(a), Some(b)) => {
-                    // SAFETY: a and b are distinct buffers of this worker (one per entry),
-                    // written only by it in the compute phase.
-                    unsafe { self.bufs[a].with_mut(|l| self.bufs[b].with(|r| tree::add(l, r))) };
-                    t.free.push(b);
-                    Some(a)
+        let n = t.stack.len();
+        let (mut j, mut node) = (n - 1, t.stack[n - 1].0.clone());
+        while j > 0 && tree::siblings(self.spheres, &t.stack[j - 1].0, &node) {
+            node = t.stack[j - 1].0.start..node.end;
+            j -= 1;
+        }
+        if j == n - 1 {
+            return;
+        }
+        t.cascade.clear();
+        t.cascade.extend(t.stack[j..].iter().filter_map(|e| e.1));
+        let buf = t.cascade.first().copied();
+        if t.cascade.len() > 1 {
+            self.fold_cascade(&t.cascade, &mut t.tile);
+            t.free.extend(&t.cascade[1..]);
+        }
+        t.stack.truncate(j);
+        t.stack.push((node, buf));
+    }
+
+    /// `bufs[c0] = c0 + (c1 + (... + c_last))` for the buffers `cascade` (left to right): the
+    /// additions of merging the right pair first, then each result into the next one to its
+    /// left, element by element, but over tiles held in `tile` (L1-sized), so each buffer is
+    /// read once and `c0` written once (j + 2 passes for j merges instead of 3j).
+    fn fold_cascade(&self, cascade: &[usize], tile: &mut [f32]) {
+        let (Some((&left, rest)), p) = (cascade.split_first(), self.workload.num_params()) else { return };
+        let Some((&last, mid)) = rest.split_last() else { return };
+        for start in (0..p).step_by(tile.len()) {
+            let r = start..(start + tile.len()).min(p);
+            let acc = &mut tile[..r.len()];
+            // SAFETY: the cascade's buffers are this worker's, distinct (one per stack entry),
+            // and written only by it in the compute phase; one cell is accessed at a time.
+            unsafe {
+                self.bufs[last].with(|g| acc.copy_from_slice(&g[r.clone()]));
+                for &b in mid.iter().rev() {
+                    self.bufs[b].with(|g| tree::add(acc, &g[r.clone()]));
                 }
-                (a, b) => a.or(b),
-            };
-            t.stack.truncate(n - 2);
-            t.stack.push((x.start..y.end, buf));
+                self.bufs[left].with_mut(|g| tree::add(&mut g[r.clone()], acc));
+            }
         }
     }
 
