@@ -150,7 +150,6 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             adam_m: ChunkedBuf::new(vec![0.0; p], chunk),
             adam_v: ChunkedBuf::new(vec![0.0; p], chunk),
             bufs: (0..plan.buffers()).map(|_| B::Cell::new(vec![0.0; p])).collect(),
-            tops: (0..plan.blocks.len()).map(|_| B::Cell::new(None)).collect(),
             plan,
             results: (0..spheres).map(|_| B::Cell::new(SlotResult::default())).collect(),
             partials: cells(n_chunks),

@@ -122,8 +122,6 @@ pub(super) struct Shared<B: Backend, W: Workload> {
     pub plan: Plan,
     /// segmented: the gradient buffers, worker k's at `plan.first_buf[k]..plan.first_buf[k+1]`.
     pub bufs: Vec<B::Cell<Vec<f32>>>,
-    /// segmented: the buffer holding each block's sum (None: every leaf skipped).
-    pub tops: Vec<B::Cell<Option<usize>>>,
     pub results: Vec<B::Cell<SlotResult>>,
     /// Squared norm of each chunk of `sum`.
     pub partials: Vec<B::Cell<f64>>,
@@ -245,7 +243,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         if apply {
             let segmented = self.strategy == Strategy::Segmented;
             if segmented {
-                self.build_program(&mut local.tree);
+                self.build_program(&mut local.tree, &local.valid);
             }
             for c in (k..self.sum.num_chunks()).step_by(self.n_workers) {
                 if segmented {

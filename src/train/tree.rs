@@ -117,16 +117,92 @@ pub struct Plan {
     pub first_block: Vec<usize>,
     /// Worker `k`'s gradient buffers are `first_buf[k]..first_buf[k + 1]` (its peak).
     pub first_buf: Vec<usize>,
+    /// The buffer that holds each block's sum after the compute phase: fixed, because the
+    /// [`Counter`] gives out and frees buffers alike whichever micro-batches are skipped.
+    pub block_buf: Vec<usize>,
+}
+
+/// One entry of a [`Counter`]'s stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub node: Range<usize>,
+    /// The buffer that holds the node's sum (if `present`).
+    pub buf: usize,
+    /// False when every leaf below was skipped: the buffer then holds nothing of use.
+    pub present: bool,
+}
+
+/// A worker's binary counter over its pool of buffers: the merge schedule, shared by the
+/// protocol and [`Plan`], so that both name the same buffers. Every entry holds a buffer (a
+/// skipped leaf too), so which buffer holds what never depends on which leaves are valid.
+#[derive(Clone, Debug, Default)]
+pub struct Counter {
+    pub stack: Vec<Entry>,
+    free: Vec<usize>,
+}
+
+impl Counter {
+    pub fn with_capacity(n: usize) -> Self {
+        Counter { stack: Vec::with_capacity(n + 1), free: Vec::with_capacity(n) }
+    }
+
+    /// Starts a step over the pool `bufs` (handed out lowest first).
+    pub fn reset(&mut self, bufs: Range<usize>) {
+        self.stack.clear();
+        self.free.clear();
+        self.free.extend(bufs.rev());
+    }
+
+    /// The buffer the next leaf is computed into (None once the pool is exhausted, which a
+    /// pool of [`peak_buffers`] never is).
+    pub fn next_buffer(&self) -> Option<usize> {
+        self.free.last().copied()
+    }
+
+    /// Pushes leaf `m` in [`Counter::next_buffer`]; returns the start `j` of the merges it
+    /// sets off: `stack[j..]` are to be folded into one node (then call [`Counter::collapse`]),
+    /// `stack[j + 1]` being `stack[j]`'s right sibling once the later entries are merged.
+    pub fn push(&mut self, spheres: usize, m: usize, present: bool) -> Option<usize> {
+        let buf = self.free.pop()?;
+        self.stack.push(Entry { node: m..m + 1, buf, present });
+        let n = self.stack.len();
+        let (mut j, mut node) = (n - 1, m..m + 1);
+        while j > 0 && siblings(spheres, &self.stack[j - 1].node, &node) {
+            node = self.stack[j - 1].node.start..node.end;
+            j -= 1;
+        }
+        (j < n - 1).then_some(j)
+    }
+
+    /// Replaces `stack[j..]` by their parent node, in `stack[j]`'s buffer; frees the others.
+    pub fn collapse(&mut self, j: usize) {
+        let end = self.stack.last().map_or(0, |e| e.node.end);
+        let present = self.stack[j..].iter().any(|e| e.present);
+        for e in self.stack.drain(j + 1..) {
+            self.free.push(e.buf);
+        }
+        let top = &mut self.stack[j];
+        top.node.end = end;
+        top.present = present;
+    }
 }
 
 impl Plan {
     pub fn new(spheres: usize, workers: usize) -> Self {
-        let mut plan = Plan { blocks: Vec::new(), first_block: vec![0], first_buf: vec![0] };
+        let mut plan = Plan { first_block: vec![0], first_buf: vec![0], ..Plan::default() };
+        let mut counter = Counter::default();
         for k in 0..workers {
             let r = worker_range(spheres, workers, k);
-            plan.blocks.extend(blocks(spheres, r.clone()));
+            plan.first_buf.push(plan.first_buf[k] + peak_buffers(spheres, r.clone()));
+            counter.reset(plan.first_buf[k]..plan.first_buf[k + 1]);
+            for m in r {
+                if let Some(j) = counter.push(spheres, m, true) {
+                    counter.collapse(j);
+                }
+            }
+            plan.blocks.extend(counter.stack.iter().map(|e| e.node.clone()));
+            plan.block_buf.extend(counter.stack.iter().map(|e| e.buf));
             plan.first_block.push(plan.blocks.len());
-            plan.first_buf.push(plan.first_buf[k] + peak_buffers(spheres, r));
         }
         plan
     }
@@ -337,7 +413,15 @@ mod tests {
                 let b = max_live_buffers(s, n);
                 assert_eq!(b, formula(s, n), "S={s} N={n}");
                 assert!(b <= s, "S={s} N={n}: {b} buffers");
-                assert_eq!(Plan::new(s, n).buffers(), b);
+                let plan = Plan::new(s, n);
+                assert_eq!(plan.buffers(), b);
+                let want: Vec<Range<usize>> = (0..n).flat_map(|k| blocks(s, worker_range(s, n, k))).collect();
+                assert_eq!(plan.blocks, want, "S={s} N={n}");
+                for k in 0..n {
+                    for &buf in &plan.block_buf[plan.first_block[k]..plan.first_block[k + 1]] {
+                        assert!((plan.first_buf[k]..plan.first_buf[k + 1]).contains(&buf), "worker {k}'s own");
+                    }
+                }
             }
         }
     }
