@@ -85,10 +85,11 @@ fn segmented_equals_the_tree_oracle_for_unaligned_ranges() {
 fn skipped_micro_batch_is_a_zero_leaf() {
     for (s, n) in [(5usize, 3usize), (8, 2), (8, 3), (8, 5), (13, 3), (32, 5)] {
         // Step 2: one leaf skipped (the first of a worker's range or inside it); step 3: a whole
-        // block of micro-batches 0..4 skipped.
+        // block of micro-batches 0..4 skipped; step 4: a left sibling skipped, its right one
+        // valid (the merge copies into the skipped leaf's buffer).
         let mut o = opts(n, s, Strategy::Segmented);
-        o.inject_nan = vec![(2, 1), (2, s - 1), (3, 0), (3, 1), (3, 2), (3, 3.min(s - 1))];
-        assert_matches(&o, Summation::Tree, 4);
+        o.inject_nan = vec![(2, 1), (2, s - 1), (3, 0), (3, 1), (3, 2), (3, 3.min(s - 1)), (4, 0), (4, 2)];
+        assert_matches(&o, Summation::Tree, 5);
     }
 }
 
