@@ -8,7 +8,8 @@
 //!
 //! Tests are named after the invariant they check, as `invariant::configuration`. Every
 //! execution of the protocol ([`run_steps`]) checks all the invariants at once; a module holds
-//! the configurations chosen to stress its invariant. The broken variants
+//! the configurations chosen to stress its invariant. Under segmented the fake workload's order
+//! probe is on, so the summed gradient's bits show the order of the tree's additions. The broken variants
 //! (`broken_variants_are_caught`) must each fail with the one kind of failure their bug causes
 //! ([`Failure`]), matched on loom's panic message.
 //!
@@ -66,8 +67,23 @@ impl Case {
         }
     }
 
+    /// The fake workload; under segmented with the order probe, so that the bits of the sum
+    /// show the order of its additions (the summation tree's).
+    fn workload<B: cllm::sync::Backend>(&self, w: ScaleWorkload<B>) -> ScaleWorkload<B> {
+        if self.strategy == Strategy::Segmented {
+            w.probing_order()
+        } else {
+            w
+        }
+    }
+
+    fn reference(&self, opts: &TrainerOptions) -> Reference<ScaleWorkload> {
+        let w = self.workload(ScaleWorkload::new(PARAMS, self.spheres));
+        Reference::new(w, initial_params(), self.spheres, 1, opts)
+    }
+
     fn engine(&self, opts: &TrainerOptions, fault: Option<Fault>) -> Engine<Loom, ScaleWorkload<Loom>> {
-        let w = ScaleWorkload::tracked(PARAMS, self.spheres, CHUNK);
+        let w = self.workload(ScaleWorkload::tracked(PARAMS, self.spheres, CHUNK));
         match fault {
             None => Engine::new(w, initial_params(), self.spheres, 1, opts),
             Some(f) => Engine::with_fault(w, initial_params(), self.spheres, 1, opts, f),
@@ -96,6 +112,8 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 /// - the weights equal the serial oracle's: bitwise for segmented (and for any strategy while
 ///   every sum is exact, in step 1), within rounding for the arrival-order lock strategies; the
 ///   skip decisions and Adam's t agree;
+/// - segmented: the summed gradient equals the serial tree oracle's bit for bit, with the order
+///   probe on, so every leaf was merged exactly once and in tree order;
 /// - no access overlaps a conflicting one: AdamW against a read of the weights, a reduction
 ///   against a slot being written, the update phase's write of the derived copy against a
 ///   compute reading it; the tracked cells make any of them a causality violation, including
@@ -105,8 +123,7 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 fn run_steps(case: &Case) {
     let opts = case.options();
     let mut eng = case.engine(&opts, None);
-    let mut reference =
-        Reference::new(ScaleWorkload::new(PARAMS, case.spheres), initial_params(), case.spheres, 1, &opts);
+    let mut reference = case.reference(&opts);
     for step in 1..=case.steps {
         let b = batch(step, case.spheres);
         let rep = eng.step(&b.inputs, &b.targets, 0.1).unwrap();
@@ -115,6 +132,9 @@ fn run_steps(case: &Case) {
         assert_eq!(rep.update_skipped, want.update_skipped);
         for m in 0..case.spheres {
             assert_eq!(eng.workload().calls(m), step as usize, "micro-batch {m} computed once per step");
+        }
+        if case.strategy == Strategy::Segmented && !want.update_skipped {
+            assert_sum_is_the_oracles(&eng, &reference);
         }
         if case.strategy == Strategy::Segmented || step == 1 {
             assert_eq!(eng.params(), &reference.params[..], "step {step}: weights differ from the serial reference");
@@ -130,6 +150,14 @@ fn run_steps(case: &Case) {
     }
     eng.with_params(|p| assert!(p.iter().all(|x| x.is_finite())));
     eng.shutdown().unwrap();
+}
+
+/// The message [`Failure::WrongSum`] is matched on.
+const WRONG_SUM: &str = "summed gradient differs from the serial tree oracle";
+
+fn assert_sum_is_the_oracles(eng: &Engine<Loom, ScaleWorkload<Loom>>, reference: &Reference<ScaleWorkload>) {
+    let same = eng.grad_sum().iter().zip(&reference.sum).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{WRONG_SUM}: {:?} vs {:?}", eng.grad_sum(), reference.sum);
 }
 
 fn check(name: &str, bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
@@ -244,15 +272,33 @@ mod each_micro_batch_is_computed_exactly_once {
     }
 }
 
-mod no_slot_is_reduced_before_it_is_computed {
-    //! 2 workers, 4 micro-batches: each worker computes two, so a reducer that ran early would
-    //! read a slot still being written (a causality violation) or a stale gradient (the
-    //! comparison with the oracle fails).
+mod no_sub_tree_is_combined_before_it_is_final {
+    //! 2 workers, 4 micro-batches: each worker merges two leaves into one sub-tree in place, so
+    //! a top combine that ran early would read a buffer still being written (a causality
+    //! violation) or a stale gradient (the comparison with the oracle fails).
     use super::*;
 
     #[test]
     fn segmented_2_workers_4_micro_batches() {
         explore(Case::new(Strategy::Segmented, 2, 4, 1, 4));
+    }
+}
+
+mod every_leaf_is_merged_once_in_tree_order {
+    //! Ranges that do not align with the tree: 2 workers over 5 micro-batches (worker 1 holds
+    //! two blocks, [2, 4) merged in place and [4, 5)), and 3 over 5. A buffer reused while
+    //! still read is a causality violation; a leaf lost, doubled or added out of tree order
+    //! changes the summed gradient's bits (the order probe).
+    use super::*;
+
+    #[test]
+    fn segmented_2_workers_5_micro_batches() {
+        explore(Case::new(Strategy::Segmented, 2, 5, 1, 3));
+    }
+
+    #[test]
+    fn segmented_3_workers_5_micro_batches() {
+        explore(Case::new(Strategy::Segmented, 3, 5, 1, 1));
     }
 }
 
@@ -302,6 +348,9 @@ enum Failure {
     /// A tracked cell read and written unordered: "Causality violation: Concurrent read and
     /// write accesses ...".
     ReadWriteRace,
+    /// The summed gradient is not the serial tree oracle's (the run's own assertion, with the
+    /// order probe on): an addition out of tree order.
+    WrongSum,
 }
 
 fn panic_text(payload: &(dyn Any + Send)) -> &str {
@@ -319,14 +368,17 @@ fn failure_of(text: &str) -> Option<Failure> {
         Some(Failure::WriteWriteRace)
     } else if text.starts_with("Causality violation: Concurrent read and write accesses") {
         Some(Failure::ReadWriteRace)
+    } else if text.starts_with(WRONG_SUM) {
+        Some(Failure::WrongSum)
     } else {
         None
     }
 }
 
 /// Passes only if loom, within `case`'s bound, finds `expected` in the broken variant `fault`:
-/// `case.steps` steps, then shutdown. Any other failure (another kind, a failed assertion or
-/// step) fails the test with loom's message.
+/// `case.steps` steps, then shutdown; when `expected` is [`Failure::WrongSum`], each step's
+/// summed gradient is compared with the serial tree oracle's. Any other failure (another kind,
+/// a failed assertion or step) fails the test with loom's message.
 fn expect_bug(fault: Fault, case: Case, expected: Failure) {
     let t = Instant::now();
     let r = catch_unwind(AssertUnwindSafe(|| {
@@ -334,9 +386,14 @@ fn expect_bug(fault: Fault, case: Case, expected: Failure) {
         b.preemption_bound = case.preemption_bound;
         b.check(move || {
             let mut eng = case.engine(&case.options(), Some(fault));
+            let mut reference = case.reference(&case.options());
             for step in 1..=case.steps {
                 let b = batch(step, case.spheres);
                 eng.step(&b.inputs, &b.targets, 0.1).unwrap();
+                if expected == Failure::WrongSum {
+                    reference.step(&b, 0.1);
+                    assert_sum_is_the_oracles(&eng, &reference);
+                }
             }
             eng.shutdown().unwrap();
         });
@@ -376,5 +433,13 @@ mod broken_variants_are_caught {
     fn repacking_during_compute_writes_the_derived_copy_under_a_read() {
         let case = Case::new(Strategy::Segmented, 2, 2, 2, 2);
         expect_bug(Fault::RepackDuringCompute, case, Failure::ReadWriteRace);
+    }
+
+    #[test]
+    fn merging_in_arrival_order_breaks_the_tree_order() {
+        // Worker 0 holds block [0, 1), worker 1 blocks [1, 2) and [2, 3): when worker 1
+        // finishes first the sum is (g1 + g2) + g0 instead of (g0 + g1) + g2.
+        let case = Case::new(Strategy::Segmented, 2, 3, 1, 2);
+        expect_bug(Fault::ArrivalOrderMerge, case, Failure::WrongSum);
     }
 }

@@ -2,9 +2,8 @@
 //! the accumulation kernels the reduction uses.
 //!
 //! Every sum here has a fixed association order that depends only on the slice length, never on
-//! the thread count, so the trainer's `segmented` strategy stays bit-deterministic.
-
-use crate::simd::multiversion;
+//! the thread count, so the trainer's `segmented` strategy stays bit-deterministic (the order
+//! in which micro-batch gradients are added is the summation tree's, [`crate::train::tree`]).
 
 /// How many bad entries a scan keeps for the report.
 pub const MAX_BAD: usize = 5;
@@ -133,40 +132,6 @@ pub fn add_scaled(dst: &mut [f32], src: &[f32], f: f32) {
     }
 }
 
-/// `dst = f * src` when `first`, else `dst += f * src`, and returns [`sqnorm`]`(src)` (the same
-/// bits): the reduction's fused scan reads each gradient chunk once for both.
-pub fn accumulate_with_sqnorm(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
-    assert_eq!(dst.len(), src.len(), "accumulate_with_sqnorm: lengths differ");
-    accumulate_with_sqnorm_elements(dst, src, f, first)
-}
-
-multiversion! {
-    /// [`accumulate_with_sqnorm`]'s loop, dispatched to AVX2 at run time.
-    fn accumulate_with_sqnorm_elements(dst: &mut [f32], src: &[f32], f: f32, first: bool) -> f64 {
-        // The lane structure of `sqnorm`, so the sum has the same bits. `x * 1.0` is exact, so
-        // `f == 1.0` copies and adds exactly, as in `copy_scaled` and `add_scaled`.
-        let mut acc = [0.0f64; LANES];
-        let mut dc = dst.chunks_exact_mut(LANES);
-        let mut sc = src.chunks_exact(LANES);
-        for (d, s) in (&mut dc).zip(&mut sc) {
-            for l in 0..LANES {
-                let v = s[l];
-                acc[l] += v as f64 * v as f64;
-                d[l] = if first { v * f } else { d[l] + v * f };
-            }
-        }
-        let mut total = 0.0f64;
-        for (d, &v) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
-            total += v as f64 * v as f64;
-            *d = if first { v * f } else { *d + v * f };
-        }
-        for a in acc {
-            total += a;
-        }
-        total
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,25 +160,6 @@ mod tests {
     fn scan_of_huge_finite_values_stays_valid() {
         let g = vec![f32::MAX; 1000];
         assert!(scan(&g).is_valid());
-    }
-
-    #[test]
-    fn accumulate_with_sqnorm_matches_the_separate_passes_bit_for_bit() {
-        for n in [0usize, 1, 7, 8, 9, 100, 16387] {
-            let src: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1.3e-3).collect();
-            let base: Vec<f32> = (0..n).map(|i| ((i * 104729 % 1000) as f32 - 500.0) * 0.7e-3).collect();
-            for f in [1.0f32, 0.37] {
-                let (mut d1, mut d2) = (base.clone(), base.clone());
-                add_scaled(&mut d1, &src, f);
-                let sq = accumulate_with_sqnorm(&mut d2, &src, f, false);
-                assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "add n={n} f={f}");
-                assert_eq!(sq.to_bits(), sqnorm(&src).to_bits(), "sqnorm n={n}");
-                let (mut d1, mut d2) = (base.clone(), base.clone());
-                copy_scaled(&mut d1, &src, f);
-                accumulate_with_sqnorm(&mut d2, &src, f, true);
-                assert!(d1.iter().zip(&d2).all(|(a, b)| a.to_bits() == b.to_bits()), "copy n={n} f={f}");
-            }
-        }
     }
 
     #[test]

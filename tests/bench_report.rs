@@ -18,7 +18,7 @@ fn tiny_args(out: &std::path::Path) -> BenchArgs {
     }
 }
 
-const CELL_KEYS: [&str; 16] = [
+const CELL_KEYS: [&str; 17] = [
     "strategy",
     "threads",
     "median_step_ms",
@@ -28,6 +28,7 @@ const CELL_KEYS: [&str; 16] = [
     "cpu_utilization",
     "ceiling_speedup",
     "compute_frac",
+    "merge_frac",
     "barrier_frac",
     "lock_wait_frac",
     "reduce_frac",
@@ -64,7 +65,7 @@ fn tiny_bench_writes_json_markdown_and_svg() {
         }
         assert!(cell["median_step_ms"].as_f64().is_some_and(|x| x > 0.0));
         assert!(cell["tokens_per_s"].as_f64().is_some_and(|x| x > 0.0));
-        for key in ["compute_frac", "barrier_frac", "lock_wait_frac", "reduce_frac", "optimizer_frac"] {
+        for key in ["compute_frac", "merge_frac", "barrier_frac", "lock_wait_frac", "reduce_frac", "optimizer_frac"] {
             assert!(cell[key].as_f64().is_some_and(|x| x >= 0.0), "{key} is a non-negative number");
         }
         if cell["threads"] == 1 {

@@ -45,6 +45,28 @@ fn engine(grads: Vec<Vec<f32>>, threads: usize, chunk: usize, inject: Vec<(u64, 
     Engine::new(TableWorkload { grads }, vec![0.5; p], s, 1, &opts).unwrap()
 }
 
+/// The dyadic tree's sum over `lo..hi` (written out here independently of `cllm::train::tree`):
+/// split at the largest power of two below the length; a skipped leaf (None) leaves its
+/// sibling's sum unchanged.
+fn tree_sum(leaves: &[Option<&Vec<f32>>], lo: usize, hi: usize) -> Option<Vec<f32>> {
+    if hi - lo == 1 {
+        return leaves[lo].cloned();
+    }
+    let mut half = 1;
+    while half * 2 < hi - lo {
+        half *= 2;
+    }
+    match (tree_sum(leaves, lo, lo + half), tree_sum(leaves, lo + half, hi)) {
+        (Some(mut a), Some(b)) => {
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += *y;
+            }
+            Some(a)
+        }
+        (a, b) => a.or(b),
+    }
+}
+
 fn run_one_step(e: &mut Engine<Std, TableWorkload>) -> cllm::train::StepReport {
     let s = e.spheres();
     e.step(&vec![0; s], &vec![0; s], 1e-2).unwrap()
@@ -75,17 +97,13 @@ proptest! {
     }
 
     #[test]
-    fn segmented_reduction_equals_the_serial_sum_in_index_order(
+    fn segmented_reduction_equals_the_serial_tree_sum(
         (_, grads) in table(),
         threads in 1usize..=8,
         chunk in 1usize..=64,
     ) {
-        let mut want = grads[0].clone();
-        for g in &grads[1..] {
-            for (w, x) in want.iter_mut().zip(g) {
-                *w += *x;
-            }
-        }
+        let leaves: Vec<Option<&Vec<f32>>> = grads.iter().map(Some).collect();
+        let want = tree_sum(&leaves, 0, grads.len()).expect("every leaf is valid");
         let mut e = engine(grads, threads, chunk, vec![]);
         run_one_step(&mut e);
         let got: Vec<u32> = e.grad_sum().iter().map(|x| x.to_bits()).collect();
@@ -103,17 +121,14 @@ proptest! {
         prop_assume!(invalid.len() < s);
         let inject = invalid.iter().map(|&m| (1u64, m)).collect();
         let p = grads[0].len();
-        let valid: Vec<&Vec<f32>> = grads.iter().enumerate().filter(|(m, _)| !mask[*m]).map(|(_, g)| g).collect();
+        let leaves: Vec<Option<&Vec<f32>>> =
+            grads.iter().enumerate().map(|(m, g)| if mask[m] { None } else { Some(g) }).collect();
+        let n_valid = s - invalid.len();
         // The mean of the valid gradients, applied by AdamW as sum x (1/n_valid).
-        let mut sum = valid[0].clone();
-        for g in &valid[1..] {
-            for (w, x) in sum.iter_mut().zip(g.iter()) {
-                *w += *x;
-            }
-        }
+        let sum = tree_sum(&leaves, 0, s).expect("some leaf is valid");
         let mut want = vec![0.5f32; p];
         let (mut m, mut v) = (vec![0.0; p], vec![0.0; p]);
-        AdamWConfig::default().update_chunk(&mut want, &sum, &mut m, &mut v, 1, 1e-2, 1.0 / valid.len() as f32);
+        AdamWConfig::default().update_chunk(&mut want, &sum, &mut m, &mut v, 1, 1e-2, 1.0 / n_valid as f32);
 
         let mut e = engine(grads, threads, 16, inject);
         let rep = run_one_step(&mut e);

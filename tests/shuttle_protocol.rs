@@ -1,5 +1,5 @@
 //! shuttle checks of the real step protocol (`Engine` on the `Shuttle` backend) with 8 workers
-//! over several steps: randomized schedules (`check_random`) and PCT (`check_pct`). On a
+//! (and 5 over 8 micro-batches) over several steps: randomized schedules (`check_random`) and PCT (`check_pct`). On a
 //! failure shuttle prints the schedule, which `shuttle::replay` reproduces.
 //!
 //! Tests are named after the invariant they check, as `invariant::configuration`; every run of
@@ -20,11 +20,12 @@ use std::time::Instant;
 const PARAMS: usize = 12;
 const CHUNK: usize = 4;
 
-/// One checked configuration: `workers` workers, one micro-batch per worker, `steps` steps.
+/// One checked configuration: `workers` workers, `spheres` micro-batches, `steps` steps.
 #[derive(Clone, Copy, Debug)]
 struct Case {
     strategy: Strategy,
     workers: usize,
+    spheres: usize,
     steps: u64,
     /// Whether micro-batch 3 of step 2 gets a NaN gradient.
     invalid_micro_batch: bool,
@@ -32,13 +33,13 @@ struct Case {
 
 impl Case {
     fn new(strategy: Strategy, workers: usize, steps: u64) -> Self {
-        Case { strategy, workers, steps, invalid_micro_batch: true }
+        Case { strategy, workers, spheres: workers, steps, invalid_micro_batch: true }
     }
 
     fn options(&self) -> TrainerOptions {
         TrainerOptions {
             threads: self.workers,
-            spheres: self.workers,
+            spheres: self.spheres,
             strategy: self.strategy,
             clip_norm: 50.0,
             chunk_size: CHUNK,
@@ -48,9 +49,24 @@ impl Case {
         }
     }
 
+    /// The fake workload; under segmented with the order probe, so that the bits of the sum
+    /// show the order of its additions (the summation tree's).
+    fn workload<B: cllm::sync::Backend>(&self, w: ScaleWorkload<B>) -> ScaleWorkload<B> {
+        if self.strategy == Strategy::Segmented {
+            w.probing_order()
+        } else {
+            w
+        }
+    }
+
+    fn reference(&self) -> Reference<ScaleWorkload> {
+        let w = self.workload(ScaleWorkload::new(PARAMS, self.spheres));
+        Reference::new(w, initial_params(), self.spheres, 1, &self.options())
+    }
+
     fn engine(&self, fault: Option<Fault>) -> Engine<Shuttle, ScaleWorkload<Shuttle>> {
-        let (opts, s) = (self.options(), self.workers);
-        let w = ScaleWorkload::tracked(PARAMS, s, CHUNK);
+        let (opts, s) = (self.options(), self.spheres);
+        let w = self.workload(ScaleWorkload::tracked(PARAMS, s, CHUNK));
         match fault {
             None => Engine::new(w, initial_params(), s, 1, &opts),
             Some(f) => Engine::with_fault(w, initial_params(), s, 1, &opts, f),
@@ -59,8 +75,8 @@ impl Case {
     }
 
     fn batch(&self, step: u64) -> StepBatch {
-        let inputs: Vec<u32> = (0..self.workers).map(|r| ((step as usize * 7 + r) % 11) as u32).collect();
-        StepBatch { rows: self.workers, seq: 1, targets: inputs.clone(), inputs }
+        let inputs: Vec<u32> = (0..self.spheres).map(|r| ((step as usize * 7 + r) % 11) as u32).collect();
+        StepBatch { rows: self.spheres, seq: 1, targets: inputs.clone(), inputs }
     }
 }
 
@@ -70,12 +86,14 @@ fn initial_params() -> Vec<f32> {
 
 /// `case.steps` steps, each compared with the serial oracle: every micro-batch computed exactly
 /// once, the skip decisions alike, the weights equal (bitwise for segmented, within rounding
-/// for the lock strategies); no conflicting accesses overlap (the cells panic), no deadlock
-/// (shuttle reports it), then a tracked read of the weights and a clean shutdown.
+/// for the lock strategies), segmented's summed gradient bitwise the tree oracle's (with the
+/// order probe: every leaf merged once, in tree order); no conflicting accesses overlap (the
+/// cells panic), no deadlock (shuttle reports it), then a tracked read of the weights and a
+/// clean shutdown.
 fn run_steps(case: Case) {
-    let (opts, s) = (case.options(), case.workers);
+    let s = case.spheres;
     let mut eng = case.engine(None);
-    let mut reference = Reference::new(ScaleWorkload::new(PARAMS, s), initial_params(), s, 1, &opts);
+    let mut reference = case.reference();
     for step in 1..=case.steps {
         let b = case.batch(step);
         let rep = eng.step(&b.inputs, &b.targets, 0.05).expect("step succeeds");
@@ -85,6 +103,7 @@ fn run_steps(case: Case) {
             assert_eq!(eng.workload().calls(m), step as usize, "micro-batch {m} computed once per step");
         }
         if case.strategy == Strategy::Segmented {
+            assert_sum_is_the_oracles(&eng, &reference);
             assert_eq!(eng.params(), &reference.params[..], "segmented must equal the serial reference bit for bit");
         } else {
             for (a, b) in eng.params().iter().zip(&reference.params) {
@@ -94,6 +113,14 @@ fn run_steps(case: Case) {
     }
     eng.with_params(|p| assert!(p.iter().all(|x| x.is_finite())));
     eng.shutdown().expect("clean shutdown");
+}
+
+/// The message [`Failure::WrongSum`] is matched on.
+const WRONG_SUM: &str = "summed gradient differs from the serial tree oracle";
+
+fn assert_sum_is_the_oracles(eng: &Engine<Shuttle, ScaleWorkload<Shuttle>>, reference: &Reference<ScaleWorkload>) {
+    let same = eng.grad_sum().iter().zip(&reference.sum).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{WRONG_SUM}: {:?} vs {:?}", eng.grad_sum(), reference.sum);
 }
 
 fn timed(name: &str, f: impl FnOnce()) {
@@ -131,6 +158,20 @@ mod final_weights_equal_the_serial_oracle {
     }
 }
 
+mod every_leaf_is_merged_once_in_tree_order {
+    //! 5 workers over 8 micro-batches: ranges that do not align with the tree (the workers'
+    //! blocks: [0, 1) | [1, 2) [2, 3) | [3, 4) | [4, 6) | [6, 8)), merged in place and combined
+    //! in tree order, with micro-batch 3 of step 2 skipped.
+    use super::*;
+
+    #[test]
+    fn segmented_5_workers_8_micro_batches_random_and_pct_schedules() {
+        let case = Case { spheres: 8, ..Case::new(Strategy::Segmented, 5, STEPS) };
+        random(case);
+        pct(case);
+    }
+}
+
 mod each_micro_batch_is_computed_exactly_once {
     //! The lock strategies, whose micro-batches are tickets drawn from one atomic counter.
     use super::*;
@@ -160,6 +201,9 @@ enum Failure {
     /// A `ShuttleCell` read during a write or written during a read: "data race: cell read
     /// while it is being written" or "... written while it is being read".
     ReadWriteRace,
+    /// The summed gradient is not the serial tree oracle's (the run's own assertion, with the
+    /// order probe on): an addition out of tree order.
+    WrongSum,
 }
 
 fn panic_text(payload: &(dyn Any + Send)) -> &str {
@@ -177,12 +221,15 @@ fn failure_of(text: &str) -> Option<Failure> {
         || text == "data race: cell written while it is being read"
     {
         Some(Failure::ReadWriteRace)
+    } else if text.starts_with(WRONG_SUM) {
+        Some(Failure::WrongSum)
     } else {
         None
     }
 }
 
-/// Runs the broken variant `fault` (two steps of `case`, no invalid micro-batch, then shutdown)
+/// Runs the broken variant `fault` (two steps of `case`, no invalid micro-batch, then shutdown;
+/// for [`Failure::WrongSum`], each step's summed gradient compared with the tree oracle's)
 /// under random and PCT schedules; passes only if each finds `expected`. Any other failure (a
 /// failed assertion or step, another kind) fails the test with shuttle's message.
 fn expect_bug(fault: Fault, strategy: Strategy, expected: Failure) {
@@ -190,9 +237,14 @@ fn expect_bug(fault: Fault, strategy: Strategy, expected: Failure) {
     let case = Case { steps: 2, invalid_micro_batch: false, ..Case::new(strategy, WORKERS, 2) };
     let run = move || {
         let mut eng = case.engine(Some(fault));
+        let mut reference = case.reference();
         for step in 1..=case.steps {
             let b = case.batch(step);
             eng.step(&b.inputs, &b.targets, 0.05).expect("step succeeds");
+            if expected == Failure::WrongSum {
+                reference.step(&b, 0.05);
+                assert_sum_is_the_oracles(&eng, &reference);
+            }
         }
         eng.shutdown().expect("clean shutdown");
     };
@@ -237,5 +289,10 @@ mod broken_variants_are_caught {
     #[test]
     fn repacking_during_compute_writes_the_derived_copy_under_a_read() {
         expect_bug(Fault::RepackDuringCompute, Strategy::Segmented, Failure::ReadWriteRace);
+    }
+
+    #[test]
+    fn merging_in_arrival_order_breaks_the_tree_order() {
+        expect_bug(Fault::ArrivalOrderMerge, Strategy::Segmented, Failure::WrongSum);
     }
 }

@@ -1,7 +1,7 @@
 //! Determinism of the threaded trainer on the real GPT model (std backend).
 
 use cllm::model::Model;
-use cllm::train::{Reference, StepBatch, Strategy, Trainer, TrainerOptions};
+use cllm::train::{Reference, StepBatch, Strategy, Summation, Trainer, TrainerOptions};
 use cllm::ModelConfig;
 
 /// A deterministic pseudo-random token batch (xorshift), different for every step.
@@ -48,11 +48,11 @@ fn opts(threads: usize, spheres: usize, strategy: Strategy) -> TrainerOptions {
 fn assert_bit_identical_across_threads(cfg: ModelConfig, rows: usize, seq: usize, spheres: usize, steps: u64) {
     let base = train(cfg, rows, seq, steps, opts(1, spheres, Strategy::Segmented));
     let h = (fnv_bits(&base.params), fnv_bits(&base.m), fnv_bits(&base.v));
-    for threads in [2, 3, 4, 8] {
+    for threads in [2, 3, 4, 5, 8, 16] {
         let r = train(cfg, rows, seq, steps, opts(threads, spheres, Strategy::Segmented));
         assert_eq!((fnv_bits(&r.params), fnv_bits(&r.m), fnv_bits(&r.v)), h, "threads {threads} differ from 1 thread");
     }
-    // And the serial oracle agrees bit for bit.
+    // And the serial oracle, evaluating the summation tree recursively, agrees bit for bit.
     let o = opts(1, spheres, Strategy::Segmented);
     let mut reference = Reference::new(cllm::train::GptWorkload::new(cfg), Model::new(cfg, 7).params, rows, seq, &o);
     for s in 1..=steps {
@@ -62,22 +62,32 @@ fn assert_bit_identical_across_threads(cfg: ModelConfig, rows: usize, seq: usize
 }
 
 #[test]
-fn segmented_weights_are_bit_identical_for_1_2_3_4_8_threads_tiny() {
+fn segmented_weights_are_bit_identical_for_1_2_3_4_5_8_16_threads_tiny() {
     assert_bit_identical_across_threads(ModelConfig::tiny(), 8, 16, 8, 4);
 }
 
 #[test]
-fn segmented_weights_are_bit_identical_for_1_2_3_4_8_threads_small() {
-    assert_bit_identical_across_threads(ModelConfig::small(), 4, 32, 4, 2);
+fn segmented_weights_are_bit_identical_for_1_2_3_4_5_8_16_threads_small() {
+    assert_bit_identical_across_threads(ModelConfig::small(), 8, 32, 8, 2);
+}
+
+/// Trains `steps` steps of the serial oracle summing in `summation`; returns the weights.
+fn oracle(cfg: ModelConfig, rows: usize, seq: usize, steps: u64, o: &TrainerOptions, summation: Summation) -> Vec<f32> {
+    let w = cllm::train::GptWorkload::new(cfg);
+    let mut reference = Reference::new(w, Model::new(cfg, 7).params, rows, seq, o).with_summation(summation);
+    for s in 1..=steps {
+        reference.step(&batch(s, rows, seq), 3e-3);
+    }
+    reference.params
 }
 
 #[test]
-fn lock_strategies_with_one_thread_equal_segmented_bit_for_bit() {
+fn lock_strategies_with_one_thread_equal_the_left_fold_oracle_bit_for_bit() {
     let cfg = ModelConfig::tiny();
-    let seg = train(cfg, 4, 16, 3, opts(1, 4, Strategy::Segmented));
     for s in [Strategy::GradientLock, Strategy::ModelLock] {
         let r = train(cfg, 4, 16, 3, opts(1, 4, s));
-        assert_eq!(fnv_bits(&r.params), fnv_bits(&seg.params), "{s} with 1 thread");
+        let want = oracle(cfg, 4, 16, 3, &opts(1, 4, s), Summation::LeftFold);
+        assert_eq!(fnv_bits(&r.params), fnv_bits(&want), "{s} with 1 thread");
     }
 }
 
@@ -117,17 +127,18 @@ fn gradient_lock_drift_from_segmented_is_small() {
     assert!(worst < 1e-2, "gradient-lock drifted by {worst}");
 }
 
-/// Segmented (global clipping) leaves the NaN/Inf scan to the reduction and, when the total is
-/// not finite, rescans and reduces again; gradient-lock scans every micro-batch first. With one
-/// thread both sum the same slots in the same order, so the weights must match bit for bit,
-/// with and without a poisoned micro-batch, and the per-sphere norms must agree.
+/// A poisoned micro-batch is skipped alone: segmented (the tree, a skipped leaf leaving its
+/// sibling unchanged) equals the serial tree oracle with the same poison at 1, 2, 3 and 5
+/// threads, gradient-lock at one thread (scanning each micro-batch first, then a left fold)
+/// the left-fold oracle; the skip reports and per-sphere norms agree.
 #[test]
-fn fused_scan_matches_scanning_first_including_a_poisoned_micro_batch() {
+fn poisoned_micro_batches_are_skipped_alike_by_the_tree_and_the_scan_first_fold() {
     let cfg = ModelConfig::tiny();
     let (rows, seq) = (4, 16);
+    let with_nan =
+        |strategy, threads| TrainerOptions { inject_nan: vec![(2, 3), (3, 0)], ..opts(threads, 4, strategy) };
     let run = |strategy, threads| {
-        let o = TrainerOptions { inject_nan: vec![(2, 3), (3, 0)], ..opts(threads, 4, strategy) };
-        let mut t = Trainer::new(Model::new(cfg, 7), rows, seq, o).unwrap();
+        let mut t = Trainer::new(Model::new(cfg, 7), rows, seq, with_nan(strategy, threads)).unwrap();
         let mut norms = Vec::new();
         for s in 1..=4 {
             let b = batch(s, rows, seq);
@@ -146,10 +157,13 @@ fn fused_scan_matches_scanning_first_including_a_poisoned_micro_batch() {
         (p, norms)
     };
     let (scan_first, scan_norms) = run(Strategy::GradientLock, 1);
-    for threads in [1, 2, 3] {
-        let (fused, fused_norms) = run(Strategy::Segmented, threads);
-        assert_eq!(fnv_bits(&fused), fnv_bits(&scan_first), "{threads} threads");
-        for (a, b) in fused_norms.iter().zip(&scan_norms) {
+    let fold = oracle(cfg, rows, seq, 4, &with_nan(Strategy::GradientLock, 1), Summation::LeftFold);
+    assert_eq!(fnv_bits(&scan_first), fnv_bits(&fold), "gradient-lock vs the left-fold oracle");
+    let tree = oracle(cfg, rows, seq, 4, &with_nan(Strategy::Segmented, 1), Summation::Tree);
+    for threads in [1, 2, 3, 5] {
+        let (seg, seg_norms) = run(Strategy::Segmented, threads);
+        assert_eq!(fnv_bits(&seg), fnv_bits(&tree), "{threads} threads vs the tree oracle");
+        for (a, b) in seg_norms.iter().zip(&scan_norms) {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "max sphere norm {a} vs {b}");
         }
     }

@@ -86,6 +86,23 @@ impl Usage {
     }
 }
 
+/// Resets the process's resident-set high-water mark (`VmHWM`) to its current resident set,
+/// by writing "5" to `/proc/self/clear_refs` (Linux 4.0+), so that [`peak_rss_mb`] measures
+/// from here on. `getrusage`'s maxrss is not reset (it keeps exited threads' peaks), hence
+/// the separate reading. False where that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `VmHWM` of `/proc/self/status` in MiB: the peak resident set since the process started or
+/// since the last [`reset_peak_rss`]. None where it cannot be read.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kb: f64 = line.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// The best speed-up N workers can get on this machine for this model's arithmetic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Ceiling {
@@ -226,4 +243,27 @@ impl SystemCpu {
 /// The 1-minute load average, if the system reports one.
 pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_rss_reset_forgets_an_earlier_peak() {
+        if !reset_peak_rss() {
+            return; // not Linux (or no /proc): the bench falls back to getrusage
+        }
+        const MB: usize = 128;
+        let before = peak_rss_mb().expect("VmHWM");
+        {
+            let v = vec![1u8; MB << 20];
+            std::hint::black_box(&v);
+        }
+        let high = peak_rss_mb().expect("VmHWM");
+        assert!(high >= before + MB as f64 * 0.9, "the allocation raised the peak: {before} -> {high}");
+        assert!(reset_peak_rss());
+        let after = peak_rss_mb().expect("VmHWM");
+        assert!(after < high - MB as f64 * 0.5, "the reset forgot it: {high} -> {after}");
+    }
 }

@@ -262,6 +262,7 @@ pub(crate) fn trainer_options(strategy: Strategy, threads: usize, spheres: Optio
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PhaseTimes {
     pub compute: f64,
+    pub merge: f64,
     pub barrier: f64,
     pub lock_wait: f64,
     pub reduce: f64,
@@ -278,6 +279,7 @@ impl PhaseTimes {
         let avg = |f: fn(&WorkerTiming) -> Duration| w.iter().map(|x| f(x).as_secs_f64()).sum::<f64>() / n;
         PhaseTimes {
             compute: avg(|x| x.compute),
+            merge: avg(|x| x.merge),
             barrier: avg(|x| x.barrier_wait),
             lock_wait: avg(|x| x.lock_wait),
             reduce: avg(|x| x.reduce),
@@ -288,6 +290,7 @@ impl PhaseTimes {
 
     fn add(&mut self, o: &PhaseTimes) {
         self.compute += o.compute;
+        self.merge += o.merge;
         self.barrier += o.barrier;
         self.lock_wait += o.lock_wait;
         self.reduce += o.reduce;
@@ -316,6 +319,8 @@ fn measure_cell(
     data: &[(Vec<u32>, Vec<u32>)],
 ) -> Result<Measured> {
     let opts = trainer_options(strategy, threads, args.spheres);
+    // The previous cell's trainer is gone: its peak must not count for this one.
+    let per_cell_peak = machine::reset_peak_rss();
     let mut trainer = Trainer::new(model.clone(), plan.batch, plan.seq, opts)?;
     for (x, y) in &data[..args.warmup] {
         trainer.step(x, y, LR)?;
@@ -340,7 +345,8 @@ fn measure_cell(
         (Some(a), Some(b)) => a.background_cores(&b, cpu_s, wall_s),
         _ => 0.0,
     };
-    Ok(Measured { step_s, wall_s, cpu_s, phases, final_loss, max_rss_mb: u1.max_rss_mb, background_cores })
+    let max_rss_mb = if per_cell_peak { machine::peak_rss_mb().unwrap_or(u1.max_rss_mb) } else { u1.max_rss_mb };
+    Ok(Measured { step_s, wall_s, cpu_s, phases, final_loss, max_rss_mb, background_cores })
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -364,7 +370,8 @@ fn to_cell(name: &str, threads: usize, m: &Measured, base_ms: f64, usable: f64, 
     let step_mean_s = m.wall_s / steps;
     let frac = |x: f64| x / steps / step_mean_s;
     let p = &m.phases;
-    let known = frac(p.compute) + frac(p.barrier) + frac(p.lock_wait) + frac(p.reduce) + frac(p.optimizer);
+    let known =
+        frac(p.compute) + frac(p.merge) + frac(p.barrier) + frac(p.lock_wait) + frac(p.reduce) + frac(p.optimizer);
     Cell {
         strategy: name.to_string(),
         threads,
@@ -378,6 +385,7 @@ fn to_cell(name: &str, threads: usize, m: &Measured, base_ms: f64, usable: f64, 
         ceiling_speedup: ceil,
         speedup_vs_ceiling: speedup / ceil,
         compute_frac: frac(p.compute),
+        merge_frac: frac(p.merge),
         barrier_frac: frac(p.barrier),
         lock_wait_frac: frac(p.lock_wait),
         reduce_frac: frac(p.reduce),

@@ -65,17 +65,22 @@ pub struct Cell {
     pub speedup_vs_ceiling: f64,
     /// Fractions of the step's wall time, averaged over workers.
     pub compute_frac: f64,
+    /// segmented: merging sibling sub-trees of the summation tree during the compute phase.
+    pub merge_frac: f64,
     pub barrier_frac: f64,
     pub lock_wait_frac: f64,
     pub reduce_frac: f64,
     pub optimizer_frac: f64,
-    /// What the five above leave: coordinator work, wake-up latency, idle workers.
+    /// What the six above leave: coordinator work, wake-up latency, idle workers.
     pub other_frac: f64,
     /// Lock acquisitions of all workers together, per step.
     pub lock_acquisitions_per_step: f64,
     /// Lock wait per step, averaged over workers (comparable to the step time).
     pub lock_wait_ms_per_step: f64,
-    /// The process's peak resident set so far (it only grows across cells).
+    /// The process's peak resident set during this cell: the high-water mark is reset before
+    /// the cell's trainer is built (`/proc/self/clear_refs`), so it is this cell's trainer plus
+    /// what the process holds throughout (model, data); where the reset is not possible, the
+    /// peak so far.
     pub peak_rss_mb: f64,
     /// Cores other processes kept busy during the timed steps (from /proc/stat): the noise
     /// floor of this cell. Anything near the core count makes its numbers meaningless.
@@ -191,13 +196,15 @@ fn write_header(r: &Report, s: &mut String) {
 /// One row per cell.
 fn write_table(r: &Report, s: &mut String) {
     s.push_str(
-        "| strategy | threads | step ms | tokens/s | speed-up | ceiling | of ceiling | efficiency | CPU util | compute | barrier | lock wait | reduce | optimizer | other | lock acq/step | lock wait ms/step | peak RSS MB | other procs (cores) |\n",
+        "| strategy | threads | step ms | tokens/s | speed-up | ceiling | of ceiling | efficiency | CPU util | compute | merge | barrier | lock wait | reduce | optimizer | other | lock acq/step | lock wait ms/step | peak RSS MB | other procs (cores) |\n",
     );
-    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    s.push_str(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for c in &r.cells {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {:.0} | {:.2}x | {:.2}x | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} | {:.2} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2}x | {:.2}x | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.0} | {:.2} |",
             c.strategy,
             c.threads,
             c.median_step_ms,
@@ -208,6 +215,7 @@ fn write_table(r: &Report, s: &mut String) {
             pct(c.efficiency),
             pct(c.cpu_utilization),
             pct(c.compute_frac),
+            pct(c.merge_frac),
             pct(c.barrier_frac),
             pct(c.lock_wait_frac),
             pct(c.reduce_frac),
@@ -267,13 +275,14 @@ fn explain(r: &Report, name: &str) -> String {
     let at_cores =
         cells.iter().copied().filter(|c| c.threads > 1 && c.threads <= cores).max_by_key(|c| c.threads).or(Some(best));
     if let Some(c) = at_cores {
-        let sync = c.barrier_frac + c.lock_wait_frac + c.reduce_frac;
+        let sync = c.merge_frac + c.barrier_frac + c.lock_wait_frac + c.reduce_frac;
         let _ = write!(
             s,
-            " At {} threads a worker spends {} of the step computing, {} waiting at barriers, {} waiting for locks \
+            " At {} threads a worker spends {} of the step computing, {} merging sub-trees, {} waiting at barriers, {} waiting for locks \
              ({:.1} acquisitions per step), {} reducing and {} in the optimizer ({} other); CPU utilisation is {}.",
             c.threads,
             pct(c.compute_frac),
+            pct(c.merge_frac),
             pct(c.barrier_frac),
             pct(c.lock_wait_frac),
             c.lock_acquisitions_per_step,
@@ -320,12 +329,12 @@ fn explain(r: &Report, name: &str) -> String {
         if causes.is_empty() {
             if c.speedup_vs_ceiling >= 0.95 {
                 s.push_str(&format!(
-                    " Synchronization costs {} of the step, so it scales as far as the machine does.",
+                    " Merging, reducing and waiting cost {} of the step, so it scales as far as the machine does.",
                     pct(sync)
                 ));
             } else {
                 s.push_str(&format!(
-                    " Synchronization costs only {} of the step; the gap to the ceiling is in the compute itself \
+                    " Merging, reducing and waiting cost only {} of the step; the gap to the ceiling is in the compute itself \
                      (memory bandwidth or cache sharing that the GEMM-only ceiling does not exercise, or background load).",
                     pct(sync)
                 ));

@@ -12,9 +12,11 @@ use super::barrier::Barrier;
 use super::fault::Fault;
 use super::lock_strategies::ModelSlot;
 use super::protocol::{Control, Shared, SlotResult};
-use super::strategy::{ClipMode, Strategy};
+use super::segmented::TreeLocal;
+use super::strategy::Strategy;
 use super::tally::{StepCounters, StepTally};
 use super::timing::{Clock, WorkerTiming};
+use super::tree::Plan;
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
 use crate::optim::DecayMask;
@@ -55,6 +57,8 @@ pub(super) struct Local<W: Workload> {
     pub grad: Vec<f32>,
     /// (micro-batch, clip factor) of the valid micro-batches of this step, in index order.
     pub valid: Vec<(usize, f32)>,
+    /// segmented: the counter's stack and the reduction's program.
+    pub tree: TreeLocal,
 }
 
 /// Poisons the barrier if a worker unwinds outside the workload (a protocol bug), so that no
@@ -120,8 +124,8 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             Some(Fault::BarrierWithoutGeneration) => Barrier::new_without_generation(n),
             _ => Barrier::new(n),
         };
-        let slot_count = if opts.strategy == Strategy::Segmented { spheres } else { 0 };
-        let fused_scan = opts.strategy == Strategy::Segmented && opts.clip_mode == ClipMode::Global;
+        let plan = if opts.strategy == Strategy::Segmented { Plan::new(spheres, n) } else { Plan::default() };
+        let arrivals = if fault == Some(Fault::ArrivalOrderMerge) { n } else { 0 };
         let model_slot = if opts.strategy == Strategy::ModelLock {
             ModelSlot { scratch: Some(workload.new_scratch(rows / spheres, seq)), grad: vec![0.0; p] }
         } else {
@@ -147,16 +151,17 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             sum: ChunkedBuf::new(vec![0.0; p], chunk),
             adam_m: ChunkedBuf::new(vec![0.0; p], chunk),
             adam_v: ChunkedBuf::new(vec![0.0; p], chunk),
-            slots: (0..slot_count).map(|_| B::Cell::new(vec![0.0; p])).collect(),
+            bufs: (0..plan.buffers()).map(|_| B::Cell::new(vec![0.0; p])).collect(),
+            plan,
             results: (0..spheres).map(|_| B::Cell::new(SlotResult::default())).collect(),
             partials: cells(n_chunks),
-            fused_scan,
-            slot_partials: cells(if fused_scan { n_chunks * spheres } else { 0 }),
             timings: (0..n).map(|_| B::Cell::new(WorkerTiming::default())).collect(),
             next_mb: B::AtomicUsize::new(0),
             model_lock: B::Mutex::new(model_slot),
             grad_lock: B::Mutex::new(0),
             fault,
+            arrived: B::AtomicUsize::new(0),
+            arrival_order: (0..arrivals).map(|_| B::Cell::new(0)).collect(),
         }
     }
 
@@ -172,18 +177,11 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             }
             _ => (None, Vec::new()),
         };
-        Local { scratch, grad, valid: Vec::with_capacity(self.spheres) }
-    }
-
-    /// Micro-batch m's gradient norm from the fused scan's chunk parts, added in chunk order.
-    /// Meaningful after a step in which the reduction ran with m valid.
-    fn fused_sphere_norm(&self, m: usize) -> f64 {
-        let mut total = 0.0f64;
-        for c in 0..self.partials.len() {
-            // SAFETY: written before "reduced"; read by the coordinator after "done".
-            total += unsafe { self.slot_partials[c * self.spheres + m].with(|x| *x) };
-        }
-        total.sqrt()
+        let tree = match self.strategy {
+            Strategy::Segmented => TreeLocal::new(&self.plan, self.spheres, k, self.sum.chunk_range(0).len()),
+            _ => TreeLocal::default(),
+        };
+        Local { scratch, grad, valid: Vec::with_capacity(self.spheres), tree }
     }
 }
 
@@ -265,6 +263,12 @@ impl<B: Backend, W: Workload> Engine<B, W> {
     pub fn strategy(&self) -> Strategy {
         self.shared.strategy
     }
+    /// The micro-batch gradient buffers this engine holds (segmented:
+    /// [`super::tree::max_live_buffers`]; the lock strategies: none), besides the summed one.
+    pub fn gradient_buffers(&self) -> usize {
+        self.shared.bufs.len()
+    }
+
     /// Steps taken so far (including steps whose update was skipped).
     pub fn step_count(&self) -> u64 {
         self.counters.step
@@ -396,6 +400,9 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             sh.next_mb.store(0, Ordering::Relaxed);
             sh.grad_lock.with(|c| *c = 0);
         }
+        if sh.has_fault(Fault::ArrivalOrderMerge) {
+            sh.arrived.store(0, Ordering::Relaxed);
+        }
         ctl
     }
 
@@ -413,8 +420,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
                         panic.get_or_insert_with(|| format!("worker panicked in micro-batch {m}: {p}"));
                     }
                     if r.valid() {
-                        let norm = if r.scanned { r.scan.norm() } else { sh.fused_sphere_norm(m) };
-                        tally.valid(r.loss, norm, r.factor);
+                        tally.valid(r.loss, r.scan.norm(), r.factor);
                     } else {
                         tally.invalid(m, r.scan.bad_entries());
                     }

@@ -5,7 +5,7 @@
 //! binary; an engine runs one only when built with the hidden [`super::Engine::with_fault`].
 //! Each variant's broken code sits where the correct code is, marked `BUG (deliberate)`: in the
 //! barrier ([`super::barrier`]), the protocol ([`super::protocol`]), the lock strategies
-//! ([`super::lock_strategies`]) and below.
+//! ([`super::lock_strategies`]), the tree's phases ([`super::segmented`]) and below.
 
 use super::protocol::Shared;
 use super::workload::Workload;
@@ -26,6 +26,9 @@ pub enum Fault {
     /// The workload's derived data is written lazily in the next compute phase, right before
     /// each micro-batch, instead of in the update phase: other workers may be reading it.
     RepackDuringCompute,
+    /// segmented: the reduction adds the workers' blocks in the order the workers finished
+    /// computing instead of in tree order (what an in-place accumulator as they arrive does).
+    ArrivalOrderMerge,
 }
 
 impl<B: Backend, W: Workload> Shared<B, W> {

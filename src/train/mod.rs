@@ -2,15 +2,19 @@
 //!
 //! [`Trainer`] runs one training step of a GPT model over a global batch with `threads` worker
 //! threads. The batch is split into `spheres` micro-batches (fixed, independent of the thread
-//! count); each gets its own gradient; invalid (NaN/Inf) gradients are skipped; the average is
-//! clipped and applied with AdamW. With the default `segmented` strategy the weights after any
-//! number of steps are bit-identical for every thread count.
+//! count); each gradient is checked on its own and invalid (NaN/Inf) ones are skipped; the
+//! average is clipped and applied with AdamW. With the default `segmented` strategy the
+//! gradients are added in a fixed summation tree over the micro-batches, so the weights after
+//! any number of steps are bit-identical for every thread count, in memory that grows with
+//! log S per worker.
 //!
 //! - [`barrier`]: the generation-counting step barrier.
 //! - [`strategy`]: [`Strategy`] and [`ClipMode`].
 //! - [`protocol`]: the step protocol of the persistent workers, its phases and invariants,
 //!   generic over the sync backend ([`crate::sync`]) and the [`Workload`], so loom and shuttle
 //!   check the real code; [`lock_strategies`]: the compute phase of the two lock strategies.
+//! - [`tree`]: `segmented`'s summation tree (ranges, blocks, the counter, the buffer bound
+//!   [`tree::max_live_buffers`]); [`segmented`]: its compute and reduce phases.
 //! - [`engine`]: [`Engine`], which builds the workers, publishes each step, collects its
 //!   report and shuts the workers down.
 //! - [`tally`]: the step report and skip bookkeeping every engine shares.
@@ -36,10 +40,12 @@ pub mod rayon_engine;
 pub mod reference;
 pub mod run;
 pub mod schedule;
+pub mod segmented;
 pub mod strategy;
 pub mod tally;
 pub mod timing;
 pub mod trainer;
+pub mod tree;
 pub mod workload;
 
 pub use engine::{resolve_spheres, Engine, DEFAULT_CHUNK};
@@ -47,7 +53,7 @@ pub use engine::{resolve_spheres, Engine, DEFAULT_CHUNK};
 pub use fault::Fault;
 pub use options::RunOptions;
 pub use rayon_engine::RayonEngine;
-pub use reference::Reference;
+pub use reference::{Reference, Summation};
 pub use schedule::LrSchedule;
 pub use strategy::{ClipMode, Strategy};
 pub use timing::{StepTimings, WorkerTiming};

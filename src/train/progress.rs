@@ -138,6 +138,8 @@ struct StepMetrics<'a> {
     step_ms: f64,
     /// Worker time in each phase, summed over the workers.
     compute_ms: f64,
+    /// segmented: merging sibling sub-trees of the summation tree (not part of `compute_ms`).
+    merge_ms: f64,
     reduce_ms: f64,
     optimizer_ms: f64,
     wait_ms: f64,
@@ -163,6 +165,7 @@ fn step_metrics<'a>(s: &StepOutcome<'a>) -> StepMetrics<'a> {
         tokens_per_s: s.tokens_per_s,
         step_ms: s.dt.as_secs_f64() * 1e3,
         compute_ms: ms(|w| w.compute),
+        merge_ms: ms(|w| w.merge),
         reduce_ms: ms(|w| w.reduce),
         optimizer_ms: ms(|w| w.optimizer),
         wait_ms: ms(|w| w.barrier_wait + w.lock_wait),

@@ -7,33 +7,31 @@
 //! coordinator (worker 0)             worker k = 1..N-1
 //! publish batch + control
 //! ──────────────── barrier "start" ───────────────── (workers read the control block)
-//! compute micro-batches (segmented: m = k, k+N, ...; lock strategies: ticket counter),
-//! scan each gradient (segmented with global clipping: left to the reduction, see below)
-//! ──────────────── barrier "computed" ────────────── (every micro-batch is done)
-//! reduce chunks c = k, k+N, ... (segmented: sum the valid slots in index order; all:
-//! squared norm of the chunk)
+//! compute micro-batches (segmented: the contiguous range k*S/N..(k+1)*S/N, merged into
+//! sub-trees as they come, see [`super::segmented`]; lock strategies: ticket counter), scan
+//! each gradient
+//! ──────────────── barrier "computed" ────────────── (every sub-tree is final)
+//! reduce chunks c = k, k+N, ... (segmented: the summation tree above the workers' sub-trees,
+//! in tree order; all: squared norm of the chunk)
 //! ──────────────── barrier "reduced" ─────────────── (every chunk norm is known)
 //! global norm = chunk norms in chunk order -> grad scale; AdamW on the same chunks (the
 //! only weight writes)
 //! ──────────────── barrier "done" ──────────────────
 //! read the report                    wait for the next "start"
 //! ```
-//! The fused scan (segmented, global clipping): rather than a separate NaN/Inf pass over every
-//! gradient, the reduction sums all slots and the finiteness of the total decides. A sum of
-//! finite values is finite unless it overflows, so a finite total proves every slot valid.
-//! When the total is not finite, which every worker sees alike, all of them scan their own
-//! slots, cross a barrier "rescanned", reduce again over the valid slots only and cross a
-//! barrier "re-reduced" before the update: six crossings instead of four, only in such a step.
-//! Both paths sum the same slots in the same order as a scan-first step would, so the weights
-//! are the same bits.
+//! Each micro-batch is scanned for NaN/Inf on its own right after it is computed, before it is
+//! merged: an invalid one is a skipped leaf of the tree (and with per-sphere clipping, the scan
+//! gives the clip factor). A sum of finite gradients can still overflow; every worker sees the
+//! same total, so all of them skip such an update together.
 //! Between "done" and the next "start", workers 1..N touch nothing shared, so the coordinator
 //! may read and write everything (batch, control block, weights, Adam state). Running worker 0
 //! on the caller's thread saves a thread and a hand-off per step, and with one thread the step
 //! runs entirely on the caller.
 //!
 //! This file is the shared state, the worker loop and the step as its phases (`compute`,
-//! `reduce`, `rescan`, `update`); the lock strategies' compute phase is in
-//! [`super::lock_strategies`]; construction, publish/collect and shutdown in [`super::engine`].
+//! `reduce`, `update`); segmented's tree phases are in [`super::segmented`], the lock
+//! strategies' compute phase in [`super::lock_strategies`]; construction, publish/collect and
+//! shutdown in [`super::engine`].
 //!
 //! Why the invariants hold (and what the loom/shuttle checks verify):
 //! - weights are read only in the compute phase and written only after "reduced", so AdamW
@@ -41,13 +39,16 @@
 //!   holds for what the workload derives from the weights ([`Workload::weights_written`], the
 //!   GPT model's shared packing): written by each chunk's owner in the update phase, read in
 //!   the compute phase; the checkers' fake workload keeps such a copy in tracked cells;
-//! - a micro-batch is computed exactly once: segmented assigns `m` to worker `m % N`, the lock
-//!   strategies hand out tickets from one atomic counter reset by the coordinator between steps;
-//! - no chunk is reduced before "computed", so every slot is final when it is summed;
-//! - invalid micro-batches are excluded by every worker from the same slot results, so all
-//!   workers agree on `n_valid` and on whether the update happens;
-//! - chunk boundaries and the in-chunk sum order do not depend on N, so `segmented` is
-//!   bit-identical for every thread count.
+//! - a micro-batch is computed exactly once: segmented partitions `0..S` into the workers'
+//!   ranges, the lock strategies hand out tickets from one atomic counter reset by the
+//!   coordinator between steps;
+//! - no chunk is reduced before "computed", so every sub-tree is final when it is combined, and
+//!   no buffer is written again before the next "start" (the tree's own invariants, every leaf
+//!   merged once and no buffer reused while read, are in [`super::segmented`]);
+//! - invalid micro-batches are excluded by every worker from the same results, so all workers
+//!   agree on `n_valid` and on whether the update happens;
+//! - chunk boundaries, the in-chunk sum order and the summation tree depend on S, never on N,
+//!   so `segmented` is bit-identical for every thread count.
 
 use super::barrier::{Barrier, Poisoned};
 use super::engine::{panic_message, Local, PoisonOnUnwind};
@@ -56,6 +57,7 @@ use super::lock_strategies::ModelSlot;
 use super::strategy::{ClipMode, Strategy};
 use super::tally::{scaling, sphere_factor};
 use super::timing::{Clock, WorkerTiming};
+use super::tree::Plan;
 use super::workload::{StepBatch, Workload};
 use crate::grad::{self, Scan};
 use crate::optim::{AdamWConfig, DecayMask};
@@ -80,10 +82,8 @@ pub(super) struct Control {
 #[derive(Clone, Debug, Default)]
 pub(super) struct SlotResult {
     pub loss: f32,
-    /// The scan of the gradient; `Scan::default()` (valid, norm 0) while `scanned` is false.
+    /// The scan of the gradient.
     pub scan: Scan,
-    /// False when the scan was left to the reduction (see [`Shared::fused_scan`]).
-    pub scanned: bool,
     /// Per-sphere clip factor (1.0 in global mode).
     pub factor: f32,
     /// Set if the workload panicked on this micro-batch.
@@ -120,18 +120,13 @@ pub(super) struct Shared<B: Backend, W: Workload> {
     pub sum: ChunkedBuf<B>,
     pub adam_m: ChunkedBuf<B>,
     pub adam_v: ChunkedBuf<B>,
-    /// segmented: one gradient per micro-batch.
-    pub slots: Vec<B::Cell<Vec<f32>>>,
+    /// segmented: the summation tree's layout ([`super::tree`]).
+    pub plan: Plan,
+    /// segmented: the gradient buffers, worker k's at `plan.first_buf[k]..plan.first_buf[k+1]`.
+    pub bufs: Vec<B::Cell<Vec<f32>>>,
     pub results: Vec<B::Cell<SlotResult>>,
     /// Squared norm of each chunk of `sum`.
     pub partials: Vec<B::Cell<f64>>,
-    /// True when the NaN/Inf scan of the micro-batch gradients is fused into the reduction
-    /// (segmented with global clipping): the compute phase then skips the scan, which was a
-    /// whole extra pass over every gradient. See the module doc.
-    pub fused_scan: bool,
-    /// Fused scan: squared norm of micro-batch m's part of chunk c, at `c * spheres + m`
-    /// (the per-sphere norms of the report).
-    pub slot_partials: Vec<B::Cell<f64>>,
     pub timings: Vec<B::Cell<WorkerTiming>>,
     /// Lock strategies: the next micro-batch ticket.
     pub next_mb: B::AtomicUsize,
@@ -140,6 +135,10 @@ pub(super) struct Shared<B: Backend, W: Workload> {
     /// micro-batches added so far (the first one is copied, not added to stale data).
     pub grad_lock: B::Mutex<usize>,
     pub fault: Option<Fault>,
+    /// [`Fault::ArrivalOrderMerge`] only: how many workers finished computing, and who, in
+    /// that order.
+    pub arrived: B::AtomicUsize,
+    pub arrival_order: Vec<B::Cell<usize>>,
 }
 
 /// What the reduction established, alike in every worker.
@@ -179,12 +178,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         if !self.has_fault(Fault::SkipComputedBarrier) {
             self.phase_wait(&mut tm)?; // "computed"
         }
-        let mut reduced = self.reduce(k, &mut local.valid, &mut tm)?; // ends at "reduced"
-        if self.fused_scan && reduced.apply && !reduced.total.is_finite() {
-            // The fused scan's slow path: every worker sees the same total, so all come here.
-            self.rescan(k, &mut tm)?; // ends at "rescanned"
-            reduced = self.reduce(k, &mut local.valid, &mut tm)?; // ends at "re-reduced"
-        }
+        let reduced = self.reduce(k, local, &mut tm)?; // ends at "reduced"
         self.update(k, ctl, &reduced, &mut tm);
         // SAFETY: worker k's timing cell is written only by worker k inside a step and read by
         // the coordinator after "done".
@@ -196,19 +190,11 @@ impl<B: Backend, W: Workload> Shared<B, W> {
     fn compute(&self, k: usize, ctl: &Control, local: &mut Local<W>, tm: &mut WorkerTiming) {
         let clock = Clock::<B>::start();
         match self.strategy {
-            Strategy::Segmented => {
-                for m in (k..self.spheres).step_by(self.n_workers) {
-                    // SAFETY: slot m is written only by worker m % N in the compute phase and read
-                    // only after "computed".
-                    let res = unsafe { self.slots[m].with_mut(|g| self.compute_one(m, ctl, &mut local.scratch, g)) };
-                    self.publish_result(m, res);
-                    tm.micro_batches += 1;
-                }
-            }
+            Strategy::Segmented => self.compute_tree(k, ctl, local, tm),
             Strategy::GradientLock | Strategy::ModelLock => self.compute_by_ticket(k, ctl, local, tm),
             Strategy::Rayon => unreachable!("the rayon strategy has no sphere workers"),
         }
-        tm.compute = clock.elapsed().saturating_sub(tm.lock_wait + tm.reduce);
+        tm.compute = clock.elapsed().saturating_sub(tm.lock_wait + tm.reduce + tm.merge);
     }
 
     /// Forward + backward of micro-batch `m` into `grad`, then fault injection and the scan.
@@ -240,12 +226,9 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         if let Some(g) = grad.first_mut().filter(|_| self.inject_nan.contains(&(ctl.step, m))) {
             *g = f32::NAN;
         }
-        if self.fused_scan {
-            return SlotResult { loss, scan: Scan::default(), scanned: false, factor: 1.0, panic: None };
-        }
         let scan = grad::scan(grad);
         let factor = sphere_factor(&scan, self.clip_norm, self.clip_mode);
-        SlotResult { loss, scan, scanned: true, factor, panic: None }
+        SlotResult { loss, scan, factor, panic: None }
     }
 
     pub fn publish_result(&self, m: usize, res: SlotResult) {
@@ -254,14 +237,25 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         unsafe { self.results[m].with_mut(|r| *r = res) };
     }
 
-    /// Phase 2: sum this worker's chunks over the valid slots (segmented) and take their squared
+    /// Phase 2: sum this worker's chunks over the blocks (segmented) and take their squared
     /// norms, then wait for every chunk ("reduced") and add the norms up in chunk order.
-    fn reduce(&self, k: usize, valid: &mut Vec<(usize, f32)>, tm: &mut WorkerTiming) -> Result<Reduced, Poisoned> {
-        let (n_valid, apply) = self.collect_valid(valid);
+    fn reduce(&self, k: usize, local: &mut Local<W>, tm: &mut WorkerTiming) -> Result<Reduced, Poisoned> {
+        let (n_valid, apply) = self.collect_valid(&mut local.valid);
         let mut clock = Clock::<B>::start();
         if apply {
+            let segmented = self.strategy == Strategy::Segmented;
+            if segmented {
+                self.build_program(&mut local.tree, &local.valid);
+            }
             for c in (k..self.sum.num_chunks()).step_by(self.n_workers) {
-                self.reduce_chunk(c, valid);
+                if segmented {
+                    self.fold_chunk(c, &mut local.tree);
+                }
+                // SAFETY: chunk c of `sum` is written only by its owner (c % N): segmented in the
+                // line above, the lock strategies before "computed"; read-only until the update.
+                let sq = unsafe { self.sum.read_chunk(c, grad::sqnorm) };
+                // SAFETY: chunk norm c is written only by chunk c's owner before "reduced".
+                unsafe { self.partials[c].with_mut(|x| *x = sq) };
             }
         }
         tm.reduce += clock.lap();
@@ -287,63 +281,6 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             };
         }
         (valid.len(), !valid.is_empty() && !panicked)
-    }
-
-    /// Chunk `c` of the reduction: segmented sums the valid slots in index order; the lock
-    /// strategies already hold the sum. Both record the chunk's squared norm.
-    fn reduce_chunk(&self, c: usize, valid: &[(usize, f32)]) {
-        let sq = if self.strategy == Strategy::Segmented {
-            let r = self.sum.chunk_range(c);
-            // SAFETY: chunk c of `sum` is written only by its owner worker (c % N) in the reduce
-            // phase; slots are final after "computed" and only read here.
-            unsafe {
-                self.sum.write_chunk(c, |dst| {
-                    for (i, &(m, f)) in valid.iter().enumerate() {
-                        self.slots[m].with(|g| {
-                            let src = &g[r.clone()];
-                            if self.fused_scan {
-                                // The fused scan's per-sphere norm, in the same pass as the sum.
-                                // SAFETY: this cell is written only by chunk c's owner before
-                                // "reduced", read by the coordinator after "done".
-                                let sq = grad::accumulate_with_sqnorm(dst, src, f, i == 0);
-                                self.slot_partials[c * self.spheres + m].with_mut(|x| *x = sq);
-                            } else if i == 0 {
-                                grad::copy_scaled(dst, src, f)
-                            } else {
-                                grad::add_scaled(dst, src, f)
-                            }
-                        });
-                    }
-                    grad::sqnorm(dst)
-                })
-            }
-        } else {
-            // SAFETY: the accumulator is final after "computed" and read-only until the next step.
-            unsafe { self.sum.read_chunk(c, grad::sqnorm) }
-        };
-        // SAFETY: chunk norm c is written only by chunk c's owner before "reduced".
-        unsafe { self.partials[c].with_mut(|x| *x = sq) };
-    }
-
-    /// Phase 2b, the fused scan's slow path: a non-finite sum means that some micro-batch holds
-    /// a NaN/Inf (a sum of finite values is finite unless it overflows). Scan this worker's
-    /// slots to find the invalid ones, then wait for everyone ("rescanned").
-    fn rescan(&self, k: usize, tm: &mut WorkerTiming) -> Result<(), Poisoned> {
-        let mut clock = Clock::<B>::start();
-        for m in (k..self.spheres).step_by(self.n_workers) {
-            // SAFETY: slots are final after "computed" and only read; result m is written only
-            // by its owner (m % N) here, between "reduced" and "rescanned", and read by everyone
-            // after "rescanned".
-            unsafe {
-                let scan = self.slots[m].with(|g| grad::scan(g));
-                self.results[m].with_mut(|r| {
-                    r.scan = scan;
-                    r.scanned = true;
-                });
-            }
-        }
-        tm.reduce += clock.lap();
-        self.phase_wait(tm)
     }
 
     /// Phase 3: AdamW on this worker's chunks. A sum of finite gradients can still overflow

@@ -1,14 +1,28 @@
 //! A serial oracle of the step semantics: one thread, micro-batches in index order, the same
 //! kernels, chunks and scaling as the threaded engines.
 //!
-//! `segmented` must match it bit for bit at every thread count; the other strategies match it
-//! up to the summation order. Tests (and the model checks) compare against it.
+//! It sums the micro-batch gradients in one of two orders ([`Summation`]): `segmented`'s
+//! summation tree, evaluated recursively as defined in [`super::tree`] (a skipped micro-batch
+//! leaves its sibling unchanged), which `segmented` must match bit for bit at every thread
+//! count; or a left fold in index order, which the lock strategies match bit for bit at one
+//! thread (their arrival order is then the index order) and up to rounding otherwise. Tests
+//! (and the model checks) compare against it.
 
 use super::tally::{scaling, sphere_factor};
+use super::tree;
 use super::workload::{StepBatch, Workload};
-use super::TrainerOptions;
+use super::{Strategy, TrainerOptions};
 use crate::grad;
 use crate::optim::DecayMask;
+
+/// The order in which the oracle adds the micro-batch gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Summation {
+    /// `segmented`'s dyadic tree over the micro-batch indices.
+    Tree,
+    /// `((g0 + g1) + g2) + ...` over the valid micro-batches.
+    LeftFold,
+}
 
 /// What a reference step decided.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,9 +49,11 @@ pub struct Reference<W: Workload> {
     scratch: W::Scratch,
     grad: Vec<f32>,
     published: u64,
+    summation: Summation,
 }
 
 impl<W: Workload> Reference<W> {
+    /// The oracle of `opts.strategy`: the tree for `segmented`, a left fold for the others.
     pub fn new(workload: W, params: Vec<f32>, rows: usize, seq: usize, opts: &TrainerOptions) -> Self {
         let spheres = super::resolve_spheres(opts.spheres, rows);
         let p = params.len();
@@ -55,7 +71,14 @@ impl<W: Workload> Reference<W> {
             scratch,
             grad: vec![0.0; p],
             published: 0,
+            summation: if opts.strategy == Strategy::Segmented { Summation::Tree } else { Summation::LeftFold },
         }
+    }
+
+    /// The same oracle summing in order `summation`.
+    pub fn with_summation(mut self, summation: Summation) -> Self {
+        self.summation = summation;
+        self
     }
 
     pub fn step(&mut self, batch: &StepBatch, lr: f32) -> ReferenceStep {
@@ -67,7 +90,9 @@ impl<W: Workload> Reference<W> {
         let mut skipped = Vec::new();
         let mut loss = 0.0f64;
         let mut sphere_clipped = false;
-        for mb in 0..s {
+        // The valid micro-batches' (per-sphere clipped) gradients, for the tree.
+        let mut leaves: Vec<Option<Vec<f32>>> = vec![None; s];
+        for (mb, leaf) in leaves.iter_mut().enumerate() {
             let l =
                 self.workload.compute(&mut self.scratch, &self.params, self.published, batch, mb, s, &mut self.grad);
             if o.inject_nan.contains(&(self.step, mb)) {
@@ -80,13 +105,22 @@ impl<W: Workload> Reference<W> {
             }
             let f = sphere_factor(&scan, o.clip_norm, o.clip_mode);
             sphere_clipped |= f < 1.0;
-            if n_valid == 0 {
-                grad::copy_scaled(&mut self.sum, &self.grad, f);
-            } else {
-                grad::add_scaled(&mut self.sum, &self.grad, f);
+            match self.summation {
+                Summation::Tree => {
+                    let mut g = self.grad.clone();
+                    if f != 1.0 {
+                        grad::scale(&mut g, f);
+                    }
+                    *leaf = Some(g);
+                }
+                Summation::LeftFold if n_valid == 0 => grad::copy_scaled(&mut self.sum, &self.grad, f),
+                Summation::LeftFold => grad::add_scaled(&mut self.sum, &self.grad, f),
             }
             n_valid += 1;
             loss += l as f64;
+        }
+        if let Some(total) = tree_sum(0..s, &mut leaves).filter(|_| self.summation == Summation::Tree) {
+            self.sum = total;
         }
         if n_valid == 0 {
             return ReferenceStep {
@@ -111,5 +145,21 @@ impl<W: Workload> Reference<W> {
             grad_norm: sc.grad_norm as f32,
             clipped: sc.clipped || sphere_clipped,
         }
+    }
+}
+
+/// The tree's sum over `node`, recursively: a leaf is its gradient (None if skipped); a node is
+/// its left sum plus its right sum, or the one side that has a sum.
+fn tree_sum(node: std::ops::Range<usize>, leaves: &mut [Option<Vec<f32>>]) -> Option<Vec<f32>> {
+    if node.len() <= 1 {
+        return leaves.get_mut(node.start).and_then(Option::take);
+    }
+    let m = tree::split(node.start, node.end);
+    match (tree_sum(node.start..m, leaves), tree_sum(m..node.end, leaves)) {
+        (Some(mut a), Some(b)) => {
+            tree::add(&mut a, &b);
+            Some(a)
+        }
+        (a, b) => a.or(b),
     }
 }

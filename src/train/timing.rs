@@ -11,16 +11,19 @@ use std::time::{Duration, Instant};
 /// Where one worker spent one step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct WorkerTiming {
-    /// Forward + backward + gradient scan of its micro-batches.
+    /// Forward + backward + gradient scan (and per-sphere clip scaling) of its micro-batches.
     pub compute: Duration,
+    /// segmented: merging sibling sub-trees in its buffers during the compute phase (the
+    /// summation tree's pairwise merges; the top combine is in `reduce`).
+    pub merge: Duration,
     /// Waiting at the in-step barriers ("computed" and "reduced").
     pub barrier_wait: Duration,
     /// Waiting to acquire the model / gradient mutexes (lock strategies).
     pub lock_wait: Duration,
     /// Mutex acquisitions (lock strategies).
     pub lock_acquisitions: u32,
-    /// Summing micro-batch gradients (segmented) or adding into the accumulator (lock
-    /// strategies, measured while holding the lock), plus the chunk norms.
+    /// Combining the workers' sub-trees into the sum (segmented) or adding into the accumulator
+    /// (lock strategies, measured while holding the lock), plus the chunk norms.
     pub reduce: Duration,
     /// AdamW on its chunks.
     pub optimizer: Duration,

@@ -183,6 +183,10 @@ impl Workload for GptWorkload {
     }
 }
 
+/// Micro-batch 0's probe value under [`ScaleWorkload::order_probe`]: 2^24, where the spacing
+/// of f32 is 2.
+pub const ORDER_PROBE: f32 = 16_777_216.0;
+
 /// A fake workload for protocol checks: `grad[i] = weights[i] * (mb + 1) + first input token of
 /// the micro-batch`, loss = `mb + first token`. With small integer weights every value is exact
 /// in f32, so any lost, doubled or misplaced contribution shows in the result. It counts the
@@ -199,6 +203,10 @@ pub struct ScaleWorkload<B: Backend = Std> {
     calls: Vec<AtomicUsize>,
     /// Panic when computing this micro-batch (to test worker-panic propagation).
     pub panic_on: Option<usize>,
+    /// Replace the first entry of every gradient by [`ORDER_PROBE`] (micro-batch 0) or 1.0
+    /// (the others): `(2^24 + 1) + 1` rounds to `2^24` while `2^24 + (1 + 1)` is exact, so the
+    /// order in which the gradients are added shows in that entry's bits.
+    pub order_probe: bool,
     /// The derived copy of the weights.
     derived: ChunkedBuf<B>,
     /// The weights version `derived` matches, if any (written only between steps).
@@ -219,6 +227,12 @@ impl ScaleWorkload<Std> {
 }
 
 impl<B: Backend> ScaleWorkload<B> {
+    /// The same fake with [`ScaleWorkload::order_probe`] set.
+    pub fn probing_order(mut self) -> Self {
+        self.order_probe = true;
+        self
+    }
+
     /// The fake for backend `B`, its derived copy tracked in chunks of `chunk` floats: pass the
     /// engine's chunk size, so that each update-phase write holds exactly one tracked chunk.
     pub fn tracked(params: usize, spheres: usize, chunk: usize) -> Self {
@@ -226,6 +240,7 @@ impl<B: Backend> ScaleWorkload<B> {
             params,
             calls: (0..spheres).map(|_| AtomicUsize::new(0)).collect(),
             panic_on: None,
+            order_probe: false,
             derived: ChunkedBuf::new(vec![0.0; params], chunk),
             derived_for: B::Cell::new(None),
         }
@@ -269,9 +284,13 @@ impl<B: Backend> Workload for ScaleWorkload<B> {
             panic!("ScaleWorkload: injected panic in micro-batch {mb}");
         }
         let tok = batch.micro(mb, spheres).0.first().copied().unwrap_or(0) as f32;
+        let probe = if mb == 0 { ORDER_PROBE } else { 1.0 };
         let fill = |weights: &[f32], grad: &mut [f32]| {
             for (g, w) in grad.iter_mut().zip(weights) {
                 *g = w * (mb + 1) as f32 + tok;
+            }
+            if let Some(g) = grad.first_mut().filter(|_| self.order_probe) {
+                *g = probe;
             }
         };
         // SAFETY: `derived_for` is written only between steps (`derived_valid_for`), and the
