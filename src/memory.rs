@@ -28,8 +28,8 @@ use serde::Serialize;
 /// reduces into. The single source of that count: the memory plan and its tests use only this.
 pub fn gradient_buffers(strategy: Strategy, spheres: usize, threads: usize) -> usize {
     let per_strategy = match strategy {
-        // One slot per micro-batch, reduced chunk by chunk in index order.
-        Strategy::Segmented => spheres,
+        // The summation tree's buffers: O(N log(S/N)), exactly what the engine allocates.
+        Strategy::Segmented => crate::train::tree::max_live_buffers(spheres, threads),
         // Each worker computes into its own buffer before adding it under the mutex.
         Strategy::GradientLock => threads,
         // One shared buffer behind the model mutex.
@@ -273,7 +273,10 @@ mod tests {
 
     #[test]
     fn gradient_buffers_are_what_each_strategy_allocates() {
-        assert_eq!(gradient_buffers(Strategy::Segmented, 8, 2), 9);
+        // The tree's bound plus the summed gradient: S = 8, N = 2 gives 6 + 1; S = 32, N = 2
+        // gives 10 + 1 (was one slot per micro-batch: 9 and 33).
+        assert_eq!(gradient_buffers(Strategy::Segmented, 8, 2), 7);
+        assert_eq!(gradient_buffers(Strategy::Segmented, 32, 2), 11);
         assert_eq!(gradient_buffers(Strategy::GradientLock, 8, 2), 3);
         assert_eq!(gradient_buffers(Strategy::ModelLock, 8, 256), 2);
         assert_eq!(gradient_buffers(Strategy::Rayon, 4, 16), 5);

@@ -66,6 +66,9 @@ fn segmented_holds_exactly_the_tree_bound_of_gradient_buffers() {
             Engine::<Std, _>::new(ScaleWorkload::new(PARAMS, s), params(), s, 1, &opts(n, s, Strategy::Segmented))
                 .unwrap();
         assert_eq!(eng.gradient_buffers(), max_live_buffers(s, n), "S={s} N={n}");
+        // The memory plan (--dry-run, the refusal of runs too large) counts them, plus the sum.
+        let planned = cllm::memory::gradient_buffers(Strategy::Segmented, s, n);
+        assert_eq!(planned, eng.gradient_buffers() + 1, "memory plan, S={s} N={n}");
     }
     assert_eq!(max_live_buffers(32, 2), 10);
     assert_eq!(max_live_buffers(8, 2), 6);
