@@ -147,6 +147,13 @@ impl DecayMask {
     /// `range` cut at the mask's boundaries, in order, each piece with whether it decays.
     pub fn pieces(&self, range: Range<usize>) -> Vec<(Range<usize>, bool)> {
         let mut out = Vec::new();
+        self.for_each_piece(range, |r, decayed| out.push((r, decayed)));
+        out
+    }
+
+    /// [`DecayMask::pieces`] without allocating (the update phase calls it for every chunk of
+    /// every step, and steps after the first allocate nothing).
+    pub fn for_each_piece(&self, range: Range<usize>, mut f: impl FnMut(Range<usize>, bool)) {
         let mut at = range.start;
         for r in &self.ranges {
             if at >= range.end {
@@ -157,18 +164,17 @@ impl DecayMask {
             }
             let start = r.start.clamp(at, range.end);
             if start > at {
-                out.push((at..start, false));
+                f(at..start, false);
             }
             let end = r.end.min(range.end);
             if end > start {
-                out.push((start..end, true));
+                f(start..end, true);
             }
             at = end.max(start);
         }
         if at < range.end {
-            out.push((at..range.end, false));
+            f(at..range.end, false);
         }
-        out
     }
 }
 
@@ -188,11 +194,11 @@ impl AdamWConfig {
         lr: f32,
         grad_scale: f32,
     ) {
-        for (r, decayed) in mask.pieces(start..start + params.len()) {
+        mask.for_each_piece(start..start + params.len(), |r, decayed| {
             let local = r.start - start..r.end - start;
             let cfg = if decayed { *self } else { AdamWConfig { weight_decay: 0.0, ..*self } };
             cfg.update_range(local, params, grads, m, v, t, lr, grad_scale);
-        }
+        });
     }
 }
 
