@@ -109,6 +109,14 @@ impl ModelConfig {
         }
     }
 
+    /// The shape for messages: "(layers 2, heads 2, embed 32, context 16, vocab 256)".
+    pub fn summary(&self) -> String {
+        format!(
+            "(layers {}, heads {}, embed {}, context {}, vocab {})",
+            self.layers, self.heads, self.embed, self.context, self.vocab
+        )
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.embed / self.heads

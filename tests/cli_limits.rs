@@ -6,29 +6,15 @@
 mod common;
 
 use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use common::{assert_fails, assert_no_panic, s, text, train_tiny};
+use common::{assert_fails, assert_no_panic, cllm_with_memory_limit, s, text, train_tiny};
 
 const MEMORY_LIMIT: u64 = 2 << 30;
 const HUGE: &str = "18446744073709551615";
 
 fn limited_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cllm"));
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit, which
-    // is async-signal-safe; it touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: MEMORY_LIMIT, rlim_max: MEMORY_LIMIT };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
+    cllm_with_memory_limit(args, MEMORY_LIMIT)
 }
 
 fn limited(args: &[&str]) -> Output {

@@ -8,15 +8,14 @@
 //! read that blocks fails it too.
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use safetensors::tensor::Dtype;
 
 mod common;
-use common::{assert_fails, s, step_dirs, text, train_tiny};
+use common::{assert_fails, cllm_with_memory_limit, s, step_dirs, text, train_tiny};
 
 /// The address space a command under test may use: a tiny model needs well under this, and
 /// every bomb asks for far more.
@@ -26,19 +25,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the binary with `args` under [`MEMORY_LIMIT`] and [`TIMEOUT`].
 fn limited(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cllm"));
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit, which
-    // is async-signal-safe; it touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: MEMORY_LIMIT, rlim_max: MEMORY_LIMIT };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = cllm_with_memory_limit(args, MEMORY_LIMIT);
     let mut child = cmd.spawn().expect("the cllm binary starts");
     let start = Instant::now();
     loop {

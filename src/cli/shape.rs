@@ -101,7 +101,7 @@ pub fn resolve(
         (Some(file), _, _, _) => (CUSTOM.to_string(), read_shape_file(file)?),
         (None, Some(m), Some(p), _) => {
             if preset_config(p)? != m.config {
-                usage!("--config {p} is not the shape of the --init-from weights {}", summary(&m.config));
+                usage!("--config {p} is not the shape of the --init-from weights {}", m.config.summary());
             }
             (p.to_string(), m.config)
         }
@@ -117,11 +117,11 @@ pub fn resolve(
                 usage!(
                     "{flag} {value} contradicts the --init-from weights' {} (their shape is {})",
                     *field,
-                    summary(&m.config)
+                    m.config.summary()
                 );
             }
         }
-        if *field != value && name != CUSTOM {
+        if *field != value {
             name = CUSTOM.to_string();
         }
         *field = value;
@@ -135,8 +135,8 @@ pub fn resolve(
             let flags = model_flags(preset, args);
             usage!(
                 "{flags} give the model {}, which contradicts the checkpoint's {} ({}); drop them to resume, or start a new run",
-                summary(&config),
-                summary(&c.model.config),
+                config.summary(),
+                c.model.config.summary(),
                 c.dir.join(checkpoint::STATE_FILE).display()
             );
         }
@@ -174,8 +174,4 @@ fn model_flags(preset: Option<&str>, args: &ShapeArgs) -> String {
     }
     parts.extend(args.overrides().into_iter().map(|(flag, v, _)| format!("{flag} {v}")));
     parts.join(" ")
-}
-
-fn summary(c: &ModelConfig) -> String {
-    format!("(layers {}, heads {}, embed {}, context {}, vocab {})", c.layers, c.heads, c.embed, c.context, c.vocab)
 }

@@ -121,8 +121,8 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     let (header, header_len) = read_header(path)?;
     let config = file_config(path, header.metadata.as_ref())?;
     let cap = max_file_bytes(&config, header_len)
-        .ok_or_else(|| err!("{shown}: config {}: the model is too large to load", config_summary(&config)))?;
-    let what = format!("model file of config {}", config_summary(&config));
+        .ok_or_else(|| err!("{shown}: config {}: the model is too large to load", config.summary()))?;
+    let what = format!("model file of config {}", config.summary());
     let bytes = crate::data::text::read_regular_file(path, cap, &what)?;
     Ok(ModelFile { bytes, config })
 }
@@ -139,9 +139,9 @@ fn file_config(path: &Path, metadata: Option<&HashMap<String, String>>) -> Resul
                 bail!(
                     "{} describes {} but the metadata \"{CONFIG_KEY}\" of {} describes {}: which is right is a guess",
                     p.display(),
-                    config_summary(&h),
+                    h.summary(),
                     path.display(),
-                    config_summary(&config)
+                    config.summary()
                 );
             }
         }
@@ -242,7 +242,7 @@ fn deserialize_with_config(bytes: &[u8], config: ModelConfig) -> Result<Model> {
         total = total.checked_add(view.data().len() / 4).ok_or_else(|| err!("tensor sizes overflow"))?;
     }
     if total != layout.num_params() || total.checked_mul(4).is_none_or(|b| b > bytes.len()) {
-        bail!("the tensors hold {total} values, the config {} needs {}", config_summary(&config), layout.num_params());
+        bail!("the tensors hold {total} values, the config {} needs {}", config.summary(), layout.num_params());
     }
     let mut params = vec![0.0f32; layout.num_params()];
     for spec in &layout.tensors {
@@ -282,7 +282,7 @@ fn tensors_by_name<'a>(
             continue;
         }
         if layout.get(&short).is_none() {
-            bail!("unexpected tensor \"{name}\" for config {}", config_summary(config));
+            bail!("unexpected tensor \"{name}\" for config {}", config.summary());
         }
         if let Some(first) = full_names.insert(short.clone(), name.clone()) {
             bail!("tensors \"{first}\" and \"{name}\" both give \"{short}\": which one to use is ambiguous");
@@ -298,8 +298,4 @@ fn tensors_by_name<'a>(
         }
     }
     Ok(by_name)
-}
-
-fn config_summary(c: &ModelConfig) -> String {
-    format!("(layers {}, heads {}, embed {}, context {}, vocab {})", c.layers, c.heads, c.embed, c.context, c.vocab)
 }

@@ -4,6 +4,29 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// The binary with `args`, stdin closed and output captured, run under an address-space limit
+/// of `limit` bytes (`setrlimit(RLIMIT_AS)` in the child before `exec`): a regression that
+/// allocates from a declared size or an unchecked count fails with an allocation error instead
+/// of eating the machine's memory.
+pub fn cllm_with_memory_limit(args: &[&str], limit: u64) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cllm"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and calls only setrlimit, which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 pub fn cllm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cllm")).args(args).output().expect("the cllm binary runs")
 }
