@@ -1,23 +1,23 @@
-//! Run-time dispatch to the SIMD path the process runs ([`path::current`]: AVX2 or portable,
-//! chosen once from the CPU and `CLLM_SIMD`; `avx512` is a reserved name, no kernels yet).
+//! Run-time dispatch to the SIMD path the process runs ([`path::current`]: AVX-512, AVX2 or
+//! portable, chosen once from the CPU and `CLLM_SIMD`).
 //!
 //! Element-wise loops are written once as plain scalar Rust, and [`multiversion!`] compiles
-//! them twice, for the baseline target and with AVX2+FMA enabled (where the compiler
-//! vectorizes them 8-wide), without building the whole binary for one CPU. Rust never
-//! contracts a multiply and an add into an FMA, nor reassociates, on its own, so both copies
-//! compute the same IEEE operations on each element and give the same bits at any vector
-//! width (a 16-wide copy would too).
+//! them three times, for the baseline target, with AVX2+FMA and with AVX-512F enabled (where
+//! the compiler vectorizes them 8- or 16-wide), without building the whole binary for one CPU.
+//! Rust never contracts a multiply and an add into an FMA, nor reassociates, on its own, so
+//! every copy computes the same IEEE operations on each element and gives the same bits at
+//! any vector width.
 //!
 //! Reductions are different: their bits depend on how partial sums are grouped. They are
-//! written against [`Simd`], eight lanes combined in one fixed tree on every path, so their
-//! bits do not depend on the path either.
+//! written against [`Simd`], eight lanes combined in one fixed tree on every path (the AVX-512
+//! path runs them in 256-bit registers), so their bits do not depend on the path either.
 
 pub mod path;
 
 pub use path::Path;
 
-/// Defines `$vis fn $name(...) [-> T]` that runs its body compiled for AVX2+FMA or for the
-/// baseline target, as [`path::current`] says.
+/// Defines `$vis fn $name(...) [-> T]` that runs its body compiled for AVX-512F, for AVX2+FMA
+/// or for the baseline target, as [`path::current`] says.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -29,14 +29,22 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             {
                 #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if $crate::simd::path::current() == $crate::simd::Path::Avx2 {
-                    // SAFETY: `current` names the AVX2 path only where `Path::available` found
-                    // AVX2 and FMA, all `avx2`'s target_feature attribute requires.
-                    return unsafe { avx2($($arg),*) };
+                match $crate::simd::path::current() {
+                    // SAFETY: `current` names a path only where `Path::available` found its
+                    // features (AVX-512F, AVX2 and FMA), all `avx512`'s attribute requires.
+                    $crate::simd::Path::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above, AVX2 and FMA, all `avx2`'s attribute requires.
+                    $crate::simd::Path::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Path::Portable => {}
                 }
             }
             body($($arg),*)
@@ -49,10 +57,10 @@ pub(crate) use multiversion;
 /// Eight-lane f32 arithmetic for the loops the compiler does not vectorize by itself (lane-wise
 /// partial sums, whose lanes it pairs up the wrong way, and long dependency chains such as
 /// [`Simd::exp`]). A loop is written once, generic over `S: Simd`, and run with [`Avx2`] (one
-/// 256-bit register per vector) on the AVX2 path, else with [`Portable`] (an array, lane by
-/// lane). The lanes' grouping is part of a reduction's bits, so it is eight lanes on every path
-/// (an AVX-512 path would run these in [`Avx2`] too). Every operation is the same IEEE
-/// operation in both, fused multiply-adds included, so both give the same bits.
+/// 256-bit register per vector) where the CPU has AVX2 and FMA, else with [`Portable`] (an
+/// array, lane by lane). The AVX-512 path uses [`Avx2`] too: the lanes' grouping is part of
+/// the result's bits, so it is eight lanes everywhere. Every operation is the same IEEE operation in both, fused
+/// multiply-adds included, so both give the same bits.
 pub(crate) trait Simd: Copy {
     type V: Copy;
     /// All lanes `x`.
@@ -203,11 +211,14 @@ impl Avx2 {
         Path::Avx2.available().then_some(Avx2(()))
     }
 
-    /// `Some` when the process's path ([`path::current`]) runs reductions in AVX2 registers
-    /// (the AVX2 path, which [`Path::available`] grants only with AVX2 and FMA).
+    /// `Some` when the process's path ([`path::current`]) runs reductions in AVX2 registers:
+    /// the AVX2 and AVX-512 paths (each implies AVX2 and FMA).
     #[inline(always)]
     pub(crate) fn for_path() -> Option<Avx2> {
-        (path::current() == Path::Avx2).then_some(Avx2(()))
+        match path::current() {
+            Path::Avx512 | Path::Avx2 => Some(Avx2(())),
+            Path::Portable => None,
+        }
     }
 }
 
@@ -317,7 +328,7 @@ mod avx2_impl {
 
 /// Defines `$vis fn $name(...) [-> T]` whose body is generic over a [`Simd`] value named by the
 /// first parameter (`simd: S` below): it runs with [`Avx2`], compiled with AVX2+FMA enabled, on
-/// the AVX2 path, and with [`Portable`] on the portable path ([`path::current`]).
+/// the AVX2 and AVX-512 paths, and with [`Portable`] on the portable path ([`path::current`]).
 macro_rules! simd_dispatch {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<$s:ident>($simd:ident $(, $arg:ident: $ty:ty)* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*

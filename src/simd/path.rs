@@ -20,8 +20,7 @@ pub const ENV: &str = "CLLM_SIMD";
 /// A SIMD code path, from the widest to the plainest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
-    /// 512-bit AVX-512F registers. Reserved: no kernel uses them yet, so no CPU has this path
-    /// (the AVX-512 kernels wait for a machine to test them on; `docs/performance.md#simd-paths`).
+    /// 512-bit AVX-512F registers (with AVX2 and FMA, which every AVX-512F CPU has).
     Avx512,
     /// 256-bit AVX2 registers with FMA.
     Avx2,
@@ -49,9 +48,10 @@ impl Path {
             Path::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
-            Path::Avx512 => false,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => Path::Avx2.available() && std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
-            Path::Avx2 => false,
+            _ => false,
         }
     }
 
@@ -76,10 +76,8 @@ impl Path {
             return Err(format!("{ENV}={v:?} is not a SIMD path; valid choices: {}", names()));
         };
         if !p.available() {
-            let why =
-                if p == Path::Avx512 { "this build has no AVX-512 kernels yet" } else { "this CPU lacks that path" };
             let have = Path::available_paths().into_iter().map(Path::name).collect::<Vec<_>>().join(", ");
-            return Err(format!("{ENV}={v}: {why}; valid choices here: {have}"));
+            return Err(format!("{ENV}={v}: this CPU lacks that path; valid choices here: {have}"));
         }
         Ok(p)
     }
@@ -150,14 +148,12 @@ mod tests {
     fn a_path_the_cpu_lacks_is_an_error_naming_those_it_has() {
         for p in Path::ALL.into_iter().filter(|p| !p.available()) {
             let e = Path::from_env_value(Some(p.name())).unwrap_err();
-            assert!(e.contains("valid choices here") && e.contains("portable"), "{e}");
+            assert!(e.contains("lacks") && e.contains("portable"), "{e}");
         }
     }
 
     #[test]
-    fn the_reserved_avx512_path_is_refused_until_its_kernels_exist() {
-        assert!(!Path::Avx512.available());
-        let e = Path::from_env_value(Some("avx512")).unwrap_err();
-        assert!(e.contains("no AVX-512 kernels yet"), "{e}");
+    fn wider_paths_imply_the_narrower_ones() {
+        assert!(!Path::Avx512.available() || Path::Avx2.available());
     }
 }

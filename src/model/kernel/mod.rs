@@ -8,10 +8,12 @@
 //! Design (BLIS-style), one microkernel per SIMD path ([`crate::simd::path::current`]):
 //! - AVX2 ([`avx2`]): a 6x16 tile of C held in twelve 256-bit accumulators; every k step loads
 //!   16 packed B values (two vectors) and broadcasts 6 A values, 12 FMAs.
-//! - Portable ([`portable`]): the same 6x16 tile in plain Rust with `f32::mul_add`.
-//! - No AVX-512 kernel yet (`CLLM_SIMD=avx512` is reserved and refused; see
-//!   `docs/performance.md#simd-paths`).
-//! - Edge rows use the same kernel instantiated for 1..=5 rows; edge columns run on
+//! - AVX-512 ([`avx512`]): a 6x64 tile, four adjacent B panels at once, in twenty-four 512-bit
+//!   accumulators (of 32 registers; four more hold the B vectors, one the broadcast A value);
+//!   every k step loads 64 packed B values and broadcasts 6 A values, 24 FMAs.
+//! - Portable ([`portable`]): the 6x16 tile in plain Rust with `f32::mul_add`.
+//!
+//!   Edge rows use the same kernel instantiated for 1..=5 rows; edge columns run on
 //!   zero-padded B panels and store only the valid columns.
 //! - B is packed into panels of [`NR`] = 16 columns, the same on every path: panel `j` holds
 //!   `B[p, 16j..16j+16]` for `p` in `0..k`, contiguous, zero-padded past `n`. Any K block of a
@@ -20,9 +22,9 @@
 //! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`) and small
 //!   enough that its rows stay in L2, so such a product with a prepacked B copies nothing at
 //!   all; otherwise (larger, or no unit stride) A is packed into 6-row panels first.
-//! - Loops: K blocks of at most [`KC`] (the 16 x KC B micro-panel stays in L1), then M blocks
-//!   of at most [`MC`] rows (the A block stays in L2), then column panels; one kernel call runs
-//!   all the row tiles of a column panel.
+//! - Loops: K blocks of at most [`KC`] (the B micro-panel stays near L1), then M blocks of at
+//!   most [`MC`] rows (the A block stays in L2), then column panels; one kernel call runs all
+//!   the row tiles of a column panel (four panels on the AVX-512 path).
 //!
 //! Determinism, the same bits on every path: every element of C is the sum over K blocks, in
 //! order, of a per-block dot product that starts from zero and takes the block's k products in
@@ -34,6 +36,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod pack;
 mod portable;
 #[cfg(test)]
@@ -72,6 +76,8 @@ pub const MR: usize = 6;
 pub const NR: usize = 16;
 /// Largest K block: the 16 x KC packed B micro-panel is 16 KiB, half of L1.
 pub const KC: usize = 256;
+/// B panels one AVX-512 kernel call reads side by side (its tile is `MR x 4*NR` = 6 x 64).
+const AVX512_PANELS: usize = 4;
 /// Largest M block: an MC x KC block of A (144 KiB) stays in L2.
 pub const MC: usize = 144;
 
@@ -89,8 +95,7 @@ pub fn check_bounds(what: &str, len: usize, rows: usize, cols: usize, rs: usize,
 }
 
 /// The kernel and the SIMD path its products take in this process, as benchmark reports
-/// (machine.gemm_backend) name it: `"cllm (avx2)"` or `"cllm (portable)"` (and, once it has
-/// kernels, `"cllm (avx512)"`).
+/// (machine.gemm_backend) name it: `"cllm (avx512)"`, `"cllm (avx2)"` or `"cllm (portable)"`.
 pub fn name() -> &'static str {
     name_of(path::current())
 }
@@ -272,16 +277,30 @@ fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: AIn, b: 
                     ASrc { data: &ap[(i_blk / MR) * k * MR + p0 * MR..], rs: 1, cs: MR, tile_stride: Some(k * MR) }
                 }
             };
-            for jp in 0..npanels {
+            // The AVX-512 kernel takes four adjacent panels per call, the others one.
+            let group = if path == Path::Avx512 { AVX512_PANELS } else { 1 };
+            for jp in (0..npanels).step_by(group) {
+                let np = group.min(npanels - jp);
                 let j0 = jp * NR;
-                let nr = NR.min(n - j0);
+                let cols = (np * NR).min(n - j0);
                 let b_off = jp * b.ps + p0 * b.ks;
-                let b_tile = &b.data[b_off..b_off + (kc - 1) * b.ks + NR];
+                let b_tile = &b.data[b_off..b_off + (np - 1) * b.ps + (kc - 1) * b.ks + NR];
+                let bt = BTile { data: b_tile, ks: b.ks, ps: b.ps, panels: np };
                 let c_blk = &mut c[i_blk * c_rs + j0..];
-                panel(mc, nr, kc, a_src, b_tile, b.ks, c_blk, c_rs, init_kb.cols(j0, nr), path);
+                panel(mc, cols, kc, a_src, bt, c_blk, c_rs, init_kb.cols(j0, cols), path);
             }
         }
     }
+}
+
+/// The B operand of a [`panel`] call: `panels` adjacent packed panels, panel `q`'s 16 values
+/// at K index `p` at `data[q*ps + p*ks ..][..16]`.
+#[derive(Clone, Copy)]
+struct BTile<'a> {
+    data: &'a [f32],
+    ks: usize,
+    ps: usize,
+    panels: usize,
 }
 
 /// The A block of a [`panel`] call: tile `q` of rows `i0..` starts at `data[q * ts]` when
@@ -295,24 +314,15 @@ struct ASrc<'a> {
     tile_stride: Option<usize>,
 }
 
-/// Every row tile of an `mc`-row M block against one B micro-panel (`kc x 16`, `nr` valid
-/// columns): `c (+)= a · b_tile`. One call per micro-panel instead of one per 6-row tile, so
-/// the bounds checks and the dispatch happen once per panel; `c` starts at the block's C(0, 0).
-/// `path` is one [`Path::available`] says this CPU has.
+/// Every row tile of an `mc`-row M block against the B micro-panels of `b` (`kc x 16` each,
+/// `cols` valid columns in all): `c (+)= a · b`. One call per micro-panel group instead of
+/// one per 6-row tile, so the bounds checks and the dispatch happen once per group; `c`
+/// starts at the block's C(0, 0). `path` is one [`Path::available`] says this CPU has.
 #[allow(clippy::too_many_arguments)]
-fn panel(
-    mc: usize,
-    nr: usize,
-    kc: usize,
-    a: ASrc,
-    b: &[f32],
-    b_ks: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    init: Init,
-    path: Path,
-) {
-    assert!(mc >= 1 && (1..=NR).contains(&nr) && kc >= 1);
+fn panel(mc: usize, cols: usize, kc: usize, a: ASrc, b: BTile, c: &mut [f32], c_rs: usize, init: Init, path: Path) {
+    let max_panels = if path == Path::Avx512 { AVX512_PANELS } else { 1 };
+    assert!(mc >= 1 && kc >= 1 && (1..=max_panels).contains(&b.panels));
+    assert!(cols > (b.panels - 1) * NR && cols <= b.panels * NR, "kernel: {cols} columns for {} panels", b.panels);
     assert!(a.rs == 1 || a.cs == 1, "kernel: A must have a unit stride");
     // The last A element any tile reads: in place, row mc-1 at column kc-1; packed, the last
     // tile's panel holds MR slots per column.
@@ -324,39 +334,56 @@ fn panel(
         }
     };
     assert!(a_last < a.data.len(), "kernel: A block out of bounds");
-    assert!(b_ks >= NR && b.len() >= (kc - 1) * b_ks + NR, "kernel: B tile out of bounds");
-    assert!((mc - 1) * c_rs + nr <= c.len(), "kernel: C block out of bounds");
+    let b_last = (b.panels - 1) * b.ps + (kc - 1) * b.ks + NR;
+    assert!(b.ks >= NR && b.data.len() >= b_last, "kernel: B tile out of bounds");
+    assert!((mc - 1) * c_rs + cols <= c.len(), "kernel: C block out of bounds");
     if let Init::Bias(bias) = init {
-        assert!(bias.len() == nr, "kernel: bias tile has the wrong length");
+        assert!(bias.len() == cols, "kernel: bias tile has the wrong length");
     }
     #[cfg(target_arch = "x86_64")]
-    if path == Path::Avx2 {
+    if path != Path::Portable {
         let add = matches!(init, Init::C);
         let bias = if let Init::Bias(b) = init { b.as_ptr() } else { std::ptr::null() };
-        let (ap, bp, cp) = (a.data.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let (ap, bp, cp) = (a.data.as_ptr(), b.data.as_ptr(), c.as_mut_ptr());
         let ts = a.tile_stride.unwrap_or(0);
-        // SAFETY: every product entry point asserts `path.available()` (`check_path`), so on
-        // the AVX2 path the CPU has AVX2 and FMA. The asserts above bound every A element a
-        // tile reads (tiles cover rows 0..mc, each at most MR rows, kc columns), the 16 B
-        // values of every k step, every C element (i < mc, j < nr) and the bias.
+        let (rs, cs, ks) = (a.rs, a.cs, b.ks);
+        // SAFETY: every product entry point asserts `path.available()` (`check_path`), so the
+        // CPU has the kernel's features: AVX2 and FMA, and AVX-512F on the AVX-512 path. The
+        // asserts above bound every A element a tile reads (tiles cover rows 0..mc, each at
+        // most MR rows, kc columns), the 16 B values of every k step of every panel, every C
+        // element (i < mc, j < cols) and the bias.
         unsafe {
-            if a.cs == 1 {
-                avx2::panel::<true>(mc, kc, ap, a.rs, a.cs, ts, bp, b_ks, cp, c_rs, nr, add, bias)
-            } else {
-                avx2::panel::<false>(mc, kc, ap, a.rs, a.cs, ts, bp, b_ks, cp, c_rs, nr, add, bias)
+            match (path, a.cs == 1) {
+                (Path::Avx512, true) => {
+                    avx512::panel::<true>(mc, kc, ap, rs, cs, ts, bp, ks, b.ps, b.panels, cp, c_rs, cols, add, bias)
+                }
+                (Path::Avx512, false) => {
+                    avx512::panel::<false>(mc, kc, ap, rs, cs, ts, bp, ks, b.ps, b.panels, cp, c_rs, cols, add, bias)
+                }
+                (_, true) => avx2::panel::<true>(mc, kc, ap, rs, cs, ts, bp, ks, cp, c_rs, cols, add, bias),
+                (_, false) => avx2::panel::<false>(mc, kc, ap, rs, cs, ts, bp, ks, cp, c_rs, cols, add, bias),
             }
         }
         return;
     }
-    // The portable path (and, if one is ever asked for, any path without a kernel of its own).
     for (q, (i0, mr)) in row_tiles(0, mc).enumerate() {
         let a_off = match a.tile_stride {
             Some(ts) => q * ts,
             None => i0 * a.rs,
         };
-        let c_tile = &mut c[i0 * c_rs..i0 * c_rs + (mr - 1) * c_rs + nr];
-        portable::tile(mr, nr, kc, &a.data[a_off..], a.rs, a.cs, b, b_ks, c_tile, c_rs, init);
+        let c_tile = &mut c[i0 * c_rs..i0 * c_rs + (mr - 1) * c_rs + cols];
+        portable::tile(mr, cols, kc, &a.data[a_off..], a.rs, a.cs, b.data, b.ks, c_tile, c_rs, init);
     }
+}
+
+/// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the
+/// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the
+#[doc(hidden)]
+pub static EXP_PACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_on(path: Path, m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat) {
+    sgemm_with(m, n, k, c, c_rs, a, b, Init::Zero, None, path)
 }
 
 /// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the

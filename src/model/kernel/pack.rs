@@ -36,22 +36,30 @@ impl AlignedBuf {
 pub(super) fn pack_b_into(dst: &mut [f32], k: usize, n: usize, b: Mat, colsum: Option<&mut [f32]>, path: Path) {
     #[cfg(target_arch = "x86_64")]
     match path {
+        Path::Avx512 => {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512(dst: &mut [f32], k: usize, n: usize, b: Mat, colsum: Option<&mut [f32]>) {
+                pack_b_body(dst, k, n, b, colsum)
+            }
+            // SAFETY: the kernel's entry points pass only a path the CPU has (`check_path`),
+            // here AVX-512F, AVX2 and FMA: all `avx512` requires.
+            return unsafe { avx512(dst, k, n, b, colsum) };
+        }
         Path::Avx2 => {
             #[target_feature(enable = "avx2,fma")]
             fn avx2(dst: &mut [f32], k: usize, n: usize, b: Mat, colsum: Option<&mut [f32]>) {
                 pack_b_body(dst, k, n, b, colsum)
             }
-            // SAFETY: the kernel's entry points pass only a path the CPU has (`check_path`),
-            // here AVX2 and FMA: all `avx2` requires.
+            // SAFETY: as above, AVX2 and FMA: all `avx2` requires.
             return unsafe { avx2(dst, k, n, b, colsum) };
         }
-        Path::Avx512 | Path::Portable => {}
+        Path::Portable => {}
     }
     pack_b_body(dst, k, n, b, colsum)
 }
 
-/// [`pack_b_into`]'s loops, inlined into a copy compiled for AVX2 (the copies move 32 bytes at
-/// a time) and a baseline copy.
+/// [`pack_b_into`]'s loops, inlined into copies compiled for AVX-512 and AVX2 (the copies move
+/// 64 or 32 bytes at a time) and a baseline copy.
 #[inline(always)]
 fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat, mut colsum: Option<&mut [f32]>) {
     debug_assert_eq!(dst.len(), n.div_ceil(NR) * k * NR);
@@ -136,15 +144,23 @@ fn pack_b_body(dst: &mut [f32], k: usize, n: usize, b: Mat, mut colsum: Option<&
 pub(super) fn pack_a_into(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize, path: Path) {
     #[cfg(target_arch = "x86_64")]
     match path {
+        Path::Avx512 => {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
+                pack_a_body(dst, m, k, a, mc_full)
+            }
+            // SAFETY: as in `pack_b_into`.
+            return unsafe { avx512(dst, m, k, a, mc_full) };
+        }
         Path::Avx2 => {
             #[target_feature(enable = "avx2,fma")]
             fn avx2(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
                 pack_a_body(dst, m, k, a, mc_full)
             }
-            // SAFETY: as in `pack_b_into`, AVX2 and FMA: all `avx2` requires.
+            // SAFETY: as in `pack_b_into`.
             return unsafe { avx2(dst, m, k, a, mc_full) };
         }
-        Path::Avx512 | Path::Portable => {}
+        Path::Portable => {}
     }
     pack_a_body(dst, m, k, a, mc_full)
 }
