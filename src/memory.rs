@@ -40,8 +40,7 @@ pub fn gradient_buffers(strategy: Strategy, spheres: usize, threads: usize) -> u
     per_strategy.saturating_add(1)
 }
 
-/// Workers that own a set of activations (and may pack the weights for themselves in the
-/// first step): segmented and rayon use at most one per micro-batch, gradient-lock gives every
+/// Workers that own a set of activations: segmented and rayon use at most one per micro-batch, gradient-lock gives every
 /// worker one, model-lock shares one behind its mutex.
 pub fn activation_sets(strategy: Strategy, spheres: usize, threads: usize) -> usize {
     match strategy {
@@ -83,7 +82,8 @@ pub struct MemoryPlan {
     pub activations_per_worker: u64,
     pub activation_workers: u64,
     pub activations: u64,
-    /// The packing shared by the workers, and each worker's own (first step only, kept).
+    /// The packing shared by the workers, and each worker's own (none: kept, as 0, for the
+    /// JSON's readers).
     pub packing_shared: u64,
     pub packing_per_worker: u64,
     pub packings: u64,
@@ -119,7 +119,9 @@ impl MemoryPlan {
         let activations = mul(per_worker, workers, "the activations")?;
         let packing = PackedWeights::planned_bytes(config)
             .ok_or_else(|| err!("memory plan: the size of the packed weights overflows"))?;
-        let packings = mul(packing, workers + 1, "the packed weights")?;
+        // One packing, shared: the engine packs it before the first step, so no worker packs
+        // the weights for itself (`Engine::derive_from_weights`).
+        let packings = packing;
         let (evaluation, checkpoint) = if shape.saves {
             let eval_acts = Activations::planned_bytes(config, EVAL_BATCH, shape.context)
                 .ok_or_else(|| err!("memory plan: the size of the evaluation activations overflows"))?;
@@ -152,7 +154,7 @@ impl MemoryPlan {
             activation_workers: workers,
             activations,
             packing_shared: packing,
-            packing_per_worker: packing,
+            packing_per_worker: 0,
             packings,
             evaluation,
             checkpoint,
@@ -166,7 +168,7 @@ impl MemoryPlan {
         let b = format_bytes;
         format!(
             "memory    {} in all (estimate): weights {}, AdamW moments {}, gradients {} x {} = {}, activations {} \
-             x {} = {}, packed weights {} shared + {} x {} = {}, evaluation {}, checkpoint writes {}, data {}\n",
+             x {} = {}, packed weights {} (one, shared), evaluation {}, checkpoint writes {}, data {}\n",
             b(self.total),
             b(self.weights),
             b(self.adam_moments),
@@ -176,9 +178,6 @@ impl MemoryPlan {
             self.activation_workers,
             b(self.activations_per_worker),
             b(self.activations),
-            b(self.packing_shared),
-            self.activation_workers,
-            b(self.packing_per_worker),
             b(self.packings),
             b(self.evaluation),
             b(self.checkpoint),

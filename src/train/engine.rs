@@ -361,6 +361,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             bail!("learning rate must be finite and >= 0, got {lr}");
         }
         let wall = Clock::<B>::start();
+        self.derive_from_weights();
         let ctl = self.publish(inputs, targets, lr);
         self.in_step = true;
         let ok = {
@@ -377,6 +378,24 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         self.collect(ctl.step, report)?;
         report.timings.wall = wall.elapsed();
         self.counters.record(report)
+    }
+
+    /// Makes what the workload derives from the weights (the GPT model's shared packing) match
+    /// them before a step that would otherwise find it stale: the first step, and the first
+    /// after [`Engine::set_params`]. Serial, between steps; without it each worker would pack
+    /// the weights for itself in that step (one packing per worker: 1 GB each at GPT-2 124M).
+    fn derive_from_weights(&mut self) {
+        if self.derived_valid {
+            return;
+        }
+        let sh = &*self.shared;
+        // SAFETY: `&mut self` proves no step is running (every worker is parked at "start"), so
+        // the weights are not written and no `compute` reads the derived data; this is the only
+        // call, over the whole range: `weights_written`'s contract (disjoint concurrent ranges,
+        // no compute meanwhile) holds.
+        unsafe { sh.weights.read_all(|w| sh.workload.weights_written(0, w)) };
+        self.derived_valid = true;
+        sh.workload.derived_valid_for(Some(self.published + 1));
     }
 
     /// Writes the batch and the control block of the next step (before "start").

@@ -114,7 +114,8 @@ impl Clone for GptWorkload {
 }
 
 /// A worker's buffers for [`GptWorkload`]: activations, and (only when the shared packing does
-/// not match the weights, as in the first step) the weights packed by this worker, once per
+/// not match the weights: the engine packs it before the first step, so only a caller that
+/// skips the engine gets here) the weights packed by this worker, once per
 /// weights version, then reused by every micro-batch it computes.
 pub struct GptScratch {
     pub acts: Activations,
@@ -148,7 +149,13 @@ impl Workload for GptWorkload {
         // SAFETY: `compute` never runs while the update phase writes the shared packing (the
         // contract of `weights_written`'s callers).
         let packed = match unsafe { self.shared_packing.packed_for(weights_version) } {
-            Some(shared) => shared,
+            Some(shared) => {
+                // A packing of this worker's own is stale once the shared one is valid.
+                if scratch.packed.take().is_some() {
+                    scratch.packed_version = None;
+                }
+                shared
+            }
             None => {
                 let own = scratch.packed.get_or_insert_with(|| PackedWeights::new(&self.layout));
                 if scratch.packed_version != Some(weights_version) {
