@@ -124,7 +124,7 @@ fn the_token_cache_is_reused_and_re_made_for_another_tokenizer_saying_so() {
 }
 
 #[test]
-fn a_vocabulary_smaller_than_the_tokenizer_is_an_error_naming_both() {
+fn vocabulary_errors_non_utf8_data_and_squad_through_a_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let data = data(dir.path());
     let tok = tokenizer(dir.path(), &data, 400, "tok.json");
@@ -139,6 +139,17 @@ fn a_vocabulary_smaller_than_the_tokenizer_is_an_error_naming_both() {
     let plan = cllm(&args);
     assert_ok(&plan);
     assert_eq!(json(&plan)["model"]["vocab"], 512, "a larger vocabulary is allowed");
+    // SQuAD goes through the tokenizer as its formatted text.
+    let squad = "tests/fixtures/squad/v11_pretty.json";
+    let mut args = vec!["train", "--config", "tiny", "--data", squad, "--tokenizer", s(&tok), "--steps", "2"];
+    args.extend_from_slice(&["--val-fraction", "0", "--out", s(&out), "--quiet", "--json"]);
+    let run = cllm(&args);
+    assert_ok(&run);
+    let state = std::fs::read(out.join("step-000002").join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+    assert_eq!(state["data"]["format"], "squad");
+    let tokens = state["data"]["tokens"]["tokens"].as_u64().unwrap();
+    assert!(tokens > 17 && tokens < state["data"]["bytes"].as_u64().unwrap(), "{state}");
     let binary = dir.path().join("binary.txt");
     std::fs::write(&binary, [b'a'; 100].iter().chain(&[0xff]).chain(&[b'b'; 100]).copied().collect::<Vec<u8>>())
         .unwrap();

@@ -71,7 +71,7 @@ pub struct TrainArgs {
     pub val_fraction: Option<f64>,
     /// A Hugging Face tokenizer.json: the data is tokenized with it (once, cached as tokens.bin
     /// in the run directory), the model's vocabulary is its size unless given, and every
-    /// checkpoint holds it. A resumed run uses its checkpoint's. [default: byte-level, no file]
+    /// checkpoint holds it. A resumed run uses its checkpoint's. Without it: byte-level, no file.
     #[arg(long, value_name = "FILE", help_heading = "Data")]
     pub tokenizer: Option<PathBuf>,
 
@@ -256,11 +256,11 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
     check_run(&options, resumed.as_ref(), &inject_nan)?;
     let (data_path, corpus) = resolve_data(args, resumed.as_ref())?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
-    let (tokens, write_cache) = match tokenizer {
-        None => (None, None),
+    let (tokens, write_cache, token_note) = match tokenizer {
+        None => (None, None, None),
         Some((tok, shown)) => {
-            let (t, cache) = tokenize(tok, &shown, &corpus, &out, args)?;
-            (Some(t), cache)
+            let (t, cache, note) = tokenize(tok, &shown, &corpus, &out, args)?;
+            (Some(t), cache, note)
         }
     };
     let (train_len, _) = runner::split_lens(&corpus, tokens.as_ref(), &options)?;
@@ -303,6 +303,10 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         samples,
         save_on_interrupt: !args.no_save_on_interrupt,
     };
+    // Said once everything is checked, so that an error stays the only line.
+    if let Some(note) = token_note {
+        eprintln!("{note}");
+    }
     if !args.quiet {
         warn_epochs(train_len, spec.tokens.is_some(), &spec.options);
     }
@@ -334,31 +338,29 @@ fn resolve_tokenizer(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResul
     }
 }
 
-/// Tokenizes the corpus, through the run directory's cache ([`TOKEN_CACHE_FILE`]); says on
-/// stderr what was done (a cache that does not match is re-made, and that is said even with
-/// `--quiet`). Returns the tokens and the cache to write when the run starts (`None`: reused,
-/// or a dry run).
+/// Tokenizes the corpus, through the run directory's cache ([`TOKEN_CACHE_FILE`]). Returns the
+/// tokens, the cache to write when the run starts (`None`: reused, or a dry run), and the line
+/// to print about it: a cache that does not match is re-made, and that is said even with
+/// `--quiet`.
 fn tokenize(
     tok: Tokenizer,
     shown: &str,
     corpus: &Corpus,
     out: &Path,
     args: &TrainArgs,
-) -> CliResult<(Tokenized, Option<PathBuf>)> {
+) -> CliResult<(Tokenized, Option<PathBuf>, Option<String>)> {
     let path = out.join(TOKEN_CACHE_FILE);
     let (t, how) = Tokenized::cached(tok, corpus, &path)?;
     let what = format!("{} tokens for {} bytes of {} ({shown})", t.ids.len(), corpus.len(), corpus.name);
     let write = if args.dry_run { "dry run: not written" } else { "written" };
-    match &how {
-        CacheUse::Reused if !args.quiet => eprintln!("tokens: {what}, read from the cache {}", path.display()),
-        CacheUse::Made | CacheUse::Uncached if !args.quiet => {
-            eprintln!("tokenized: {what}; cache {} ({write})", path.display())
-        }
-        CacheUse::Remade(why) => eprintln!("re-tokenizing: {why}; {what}; cache re-made ({write})"),
-        _ => {}
-    }
+    let note = match &how {
+        CacheUse::Remade(why) => Some(format!("re-tokenizing: {why}; {what}; cache re-made ({write})")),
+        _ if args.quiet => None,
+        CacheUse::Reused => Some(format!("tokens: {what}, read from the cache {}", path.display())),
+        CacheUse::Made => Some(format!("tokenized: {what}; cache {} ({write})", path.display())),
+    };
     let cache = (!args.dry_run && how != CacheUse::Reused).then_some(path);
-    Ok((t, cache))
+    Ok((t, cache, note))
 }
 
 /// Checks the numbers and names that are wrong whatever else is given, before touching any

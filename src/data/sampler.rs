@@ -157,7 +157,12 @@ impl BatchSampler {
 /// Consecutive non-overlapping evaluation windows over `data`: window `i` has inputs
 /// `[i*t, i*t + t)` and targets `[i*t + 1, i*t + t + 1)`; only windows whose targets fit are
 /// produced, at most `max` of them. `t == 0` produces none.
-pub fn windows<T>(data: &[T], t: usize, max: usize) -> Windows<'_, T> {
+pub fn windows(data: &[u8], t: usize, max: usize) -> Windows<'_> {
+    token_windows(data, t, max)
+}
+
+/// [`windows`] over tokens of any type (a tokenizer's ids).
+pub fn token_windows<T>(data: &[T], t: usize, max: usize) -> Windows<'_, T> {
     let fit = data.len().saturating_sub(1).checked_div(t).unwrap_or(0);
     Windows { data, t, next: 0, count: fit.min(max) }
 }

@@ -102,6 +102,15 @@ impl TokenSlice<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The first `n` tokens (all of them when there are fewer).
+    pub fn prefix(self, n: usize) -> Self {
+        match self {
+            TokenSlice::Bytes(d) => TokenSlice::Bytes(&d[..n.min(d.len())]),
+            TokenSlice::U16(d) => TokenSlice::U16(&d[..n.min(d.len())]),
+            TokenSlice::U32(d) => TokenSlice::U32(&d[..n.min(d.len())]),
+        }
+    }
 }
 
 impl TokenIds {
@@ -176,8 +185,6 @@ pub enum CacheUse {
     Made,
     /// Tokenized now; the cache there did not match (the reason).
     Remade(String),
-    /// Tokenized now, not cached (no run directory: `cllm eval`).
-    Uncached,
 }
 
 impl Tokenized {

@@ -56,7 +56,7 @@ pub fn evaluate<T: Token>(
     if t == 0 || t > config.context {
         crate::bail!("evaluation window {t} must be between 1 and the model context {}", config.context);
     }
-    let windows: Vec<(&[T], &[T])> = crate::data::windows(data, t, max_windows).collect();
+    let windows: Vec<(&[T], &[T])> = crate::data::sampler::token_windows(data, t, max_windows).collect();
     let unit = if byte_lens.is_some() { "tokens" } else { "bytes" };
     if windows.is_empty() {
         crate::bail!(

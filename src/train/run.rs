@@ -295,7 +295,7 @@ fn earlier_best<T: Token>(spec: &RunSpec, val_data: &[T]) -> Option<(PathBuf, Ev
     if eval_windows != o.eval_windows {
         return None;
     }
-    let windows: Vec<_> = crate::data::windows(val_data, o.context, o.eval_windows).collect();
+    let windows: Vec<_> = crate::data::sampler::token_windows(val_data, o.context, o.eval_windows).collect();
     let bytes = match spec.byte_lens() {
         None => (windows.len() * o.context) as u64,
         Some(lens) => windows.iter().flat_map(|(_, y)| y.iter()).map(|&t| u64::from(lens[t.id() as usize])).sum(),
@@ -335,12 +335,7 @@ fn data_record(spec: &RunSpec, train_len: usize, val_len: usize) -> DataRecord {
     let (train_bytes, val_bytes, tokens) = match &spec.tokens {
         None => (train_len as u64, val_len as u64, None),
         Some(t) => {
-            let train_bytes = match t.ids.slice() {
-                TokenSlice::Bytes(d) => t.bytes_of(TokenSlice::Bytes(&d[..train_len])),
-                TokenSlice::U16(d) => t.bytes_of(TokenSlice::U16(&d[..train_len])),
-                TokenSlice::U32(d) => t.bytes_of(TokenSlice::U32(&d[..train_len])),
-            }
-            .min(bytes);
+            let train_bytes = t.bytes_of(t.ids.slice().prefix(train_len)).min(bytes);
             let rec = TokensRecord {
                 tokenizer_sha256: t.tokenizer.sha256().to_string(),
                 tokens: t.ids.len() as u64,
