@@ -214,3 +214,27 @@ fn bits_per_byte_are_the_total_bits_over_the_bytes_the_predicted_tokens_cover() 
     let v = json(&cllm(&["eval", "--checkpoint", s(dir.path()), "--data", s(&data), "--json"]));
     assert!((v["bits_per_byte"].as_f64().unwrap() - 9.0).abs() < 1e-6, "{v}");
 }
+
+/// A tokenized run stopped at step 3 and resumed to step 6 ends with the bytes of one that ran
+/// 6 steps straight, at another thread count.
+#[test]
+fn a_resumed_tokenized_run_ends_with_the_bytes_of_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let tok = tokenizer(dir.path(), &data, 300, "tok.json");
+    let train = |out: &Path, steps: &str, threads: &str| {
+        let mut a = vec!["train", "--config", "tiny", "--data", s(&data), "--tokenizer", s(&tok), "--out", s(out)];
+        a.extend_from_slice(&["--steps", "6", "--save-every", steps, "--threads", threads, "--quiet", "--json"]);
+        assert_ok(&cllm(&a));
+    };
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&straight, "0", "1");
+    train(&split, "3", "2");
+    let model = |d: &Path| std::fs::read(d.join("step-000006").join("model.safetensors")).unwrap();
+    assert_eq!(model(&straight), model(&split), "same run, saved midway or not");
+    std::fs::remove_dir_all(split.join("step-000006")).unwrap();
+    let _ = std::fs::remove_dir_all(split.join("best"));
+    let resumed = cllm(&["train", "--resume", s(&split.join("step-000003")), "--threads", "3", "--quiet", "--json"]);
+    assert_ok(&resumed);
+    assert_eq!(model(&straight), model(&split), "resumed at step 3");
+}
