@@ -1,7 +1,8 @@
 //! Training data: a corpus of bytes, its train/validation split, and seeded batch sampling.
 //!
-//! cllm models are byte-level, so every corpus ends up as a flat `Vec<u8>`; token `i` is byte
-//! `i`. Plain text files are used as they are (any bytes, UTF-8 or not). SQuAD v1.1/v2.0 JSON
+//! Every corpus is first a flat `Vec<u8>`: for byte-level models (the default) token `i` is byte
+//! `i`; with a tokenizer (`cllm train --tokenizer`), [`tokens`] turns the text into ids and
+//! caches them next to the run. Plain text files are used as they are (any bytes, UTF-8 or not). SQuAD v1.1/v2.0 JSON
 //! files are converted to text first, one segment per question (see [`squad`] for the layout
 //! and the quirks of real files that are accepted).
 //!

@@ -65,7 +65,9 @@ pub fn evaluate<T: Token>(
             t + 1
         );
     }
-    if let Some(bad) = data.iter().map(|&b| b.id()).find(|&id| id as usize >= config.vocab) {
+    // Bytes are below 256: only a smaller vocabulary, or a tokenizer's ids, need the scan.
+    let scan = byte_lens.is_some() || config.vocab < 256;
+    if let Some(bad) = data.iter().map(|&b| b.id()).find(|&id| scan && id as usize >= config.vocab) {
         crate::bail!("the data holds token {bad}, outside the model's vocabulary of {}", config.vocab);
     }
     let bytes = match byte_lens {
