@@ -125,6 +125,11 @@ pub struct TrainArgs {
          parameters or, unless --decay-embeddings, the embeddings). [default: 0]"
     )]
     pub weight_decay: Option<f32>,
+    /// Dropout probability in [0, 1) on the attention probabilities, the attention's output
+    /// projection and the MLP's output, as GPT-2 trains; never in evaluation or sampling. Masks
+    /// depend on the seed, step and micro-batch only, so runs stay bit-identical at any --threads.
+    #[arg(long, value_name = "P", allow_negative_numbers = true, help_heading = "Optimization")]
+    pub dropout: Option<f32>,
     /// Apply --weight-decay to the token and position embeddings too.
     #[arg(long, help_heading = "Optimization")]
     pub decay_embeddings: bool,
@@ -397,6 +402,11 @@ fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
             usage!("--weight-decay must be a number >= 0, got {wd}");
         }
     }
+    if let Some(p) = args.dropout {
+        if !(0.0..1.0).contains(&p) {
+            usage!("--dropout must be in [0, 1), got {p}");
+        }
+    }
     if let Some(f) = args.val_fraction {
         if !(0.0..1.0).contains(&f) {
             usage!("--val-fraction must be in [0, 1), got {f}");
@@ -524,6 +534,7 @@ fn merge_options(
     let weight_decay = r.pinned("--weight-decay", args.weight_decay, |p| p.weight_decay, 0.0)?;
     let decay_embeddings =
         r.pinned("--decay-embeddings", args.decay_embeddings.then_some(true), |p| p.decay_embeddings, false)?;
+    let dropout = r.pinned("--dropout", args.dropout, |p| p.dropout, 0.0)?;
     let val_fraction = r.pinned("--val-fraction", args.val_fraction, |p| p.val_fraction, DEFAULT_VAL_FRACTION)?;
     // The total may grow on resume (training further); the schedule then follows the new total.
     let steps = r.free(args.steps, |p| p.steps, DEFAULT_STEPS);
@@ -550,6 +561,7 @@ fn merge_options(
         clip_mode,
         weight_decay,
         decay_embeddings,
+        dropout,
         val_fraction,
         eval_every: r.free(args.eval_every, |p| p.eval_every, DEFAULT_EVAL_EVERY),
         eval_windows: r.free(args.eval_windows, |p| p.eval_windows, DEFAULT_EVAL_WINDOWS),

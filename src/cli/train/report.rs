@@ -87,6 +87,7 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
         "clip_mode": o.clip_mode,
         "weight_decay": o.weight_decay,
         "decay_embeddings": o.decay_embeddings,
+        "dropout": o.dropout,
         "seed": o.seed,
         "data": s.corpus.name,
         "data_format": s.corpus.format,
