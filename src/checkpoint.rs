@@ -16,6 +16,9 @@
 //!                         `GPT2LMHeadModel.from_pretrained(step_dir)` loads the directory
 //! ```
 //!
+//! A run with a tokenizer (`--tokenizer`) also writes its `tokenizer.json` there, checksummed
+//! in `state.json` (so `AutoTokenizer.from_pretrained(step_dir)` works too).
+//!
 //! `state.json` also carries `self_sha256`: the SHA-256 of the file itself with that value
 //! replaced by 64 zeros, so a damaged `state.json` is caught like a damaged weight file.
 //!
@@ -55,6 +58,7 @@ use crate::error::{Error, Result};
 use crate::model::hf;
 use crate::model::weights::{read_model_file, serialize_safetensors};
 use crate::model::Model;
+use crate::tokenizer::{Tokenizer, MAX_TOKENIZER_BYTES, TOKENIZER_FILE};
 use crate::train::RunOptions;
 use crate::{bail, err};
 
@@ -94,8 +98,22 @@ pub struct DataRecord {
     /// SHA-256 (hex) of the corpus bytes the model saw (after any SQuAD conversion).
     pub sha256: String,
     pub bytes: u64,
+    /// With a tokenizer: the bytes the training tokens stand for (the rest are validation's).
     pub train_bytes: u64,
     pub val_bytes: u64,
+    /// With a tokenizer: its hash and the token counts (absent for byte-level runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokensRecord>,
+}
+
+/// What a run with a tokenizer records about its tokens; the sampler draws from `train_tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokensRecord {
+    /// SHA-256 of the checkpoint's `tokenizer.json`.
+    pub tokenizer_sha256: String,
+    pub tokens: u64,
+    pub train_tokens: u64,
+    pub val_tokens: u64,
 }
 
 /// The contents of `state.json`.
@@ -137,6 +155,8 @@ pub struct Checkpoint {
     pub model: Model,
     pub adam_m: Vec<f32>,
     pub adam_v: Vec<f32>,
+    /// The run's tokenizer (`None`: byte-level).
+    pub tokenizer: Option<Tokenizer>,
 }
 
 impl Checkpoint {
@@ -223,6 +243,40 @@ pub fn load_model(path: &Path) -> Result<(Model, PathBuf)> {
     Ok((model, file))
 }
 
+/// The tokenizer that goes with the model `load_model(path)` reads: the `tokenizer.json` of
+/// its directory (beside a `.safetensors` file given directly), checksummed when the
+/// directory's `state.json` records it; `None` when there is none (a byte-level model). Its
+/// vocabulary must fit the model's.
+pub fn load_tokenizer(path: &Path, model: &Model) -> Result<Option<Tokenizer>> {
+    let dir = if fs::metadata(path).map_err(|e| io_err(path, &e))?.is_dir() {
+        resolve_dir(path)?
+    } else {
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let file = dir.join(TOKENIZER_FILE);
+    if !file.exists() {
+        return Ok(None);
+    }
+    let bytes = read_regular_file(&file, MAX_TOKENIZER_BYTES, "tokenizer.json")?;
+    if dir.join(STATE_FILE).exists() {
+        let state = read_state(&dir)?;
+        if state.files.contains_key(TOKENIZER_FILE) {
+            verify_checksum(&file, &bytes, &state)?;
+        }
+    }
+    let tok = Tokenizer::from_json(bytes).map_err(|e| e.context(file.display()))?;
+    check_vocab(&tok, model.config.vocab).map_err(|e| e.context(file.display()))?;
+    Ok(Some(tok))
+}
+
+/// A model of vocabulary `vocab` can embed every id of `tok`.
+pub fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
+    if vocab < tok.vocab_size() {
+        bail!("the model's vocabulary of {vocab} does not cover the tokenizer's {} tokens", tok.vocab_size());
+    }
+    Ok(())
+}
+
 /// Loads a whole checkpoint directory (see [`resolve_dir`] for what `path` may be), verifying
 /// every checksum and that the pieces agree with each other, and validating what is loaded
 /// before anything is sized from it: `state.json`'s counters and options within their bounds
@@ -262,21 +316,45 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     verify_checksum(&optim_path, &optim_bytes, &state)?;
     let (adam_m, adam_v) =
         deserialize_moments(&optim_bytes, model.params.len()).map_err(|e| e.context(optim_path.display()))?;
-    Ok(Checkpoint { dir, state, model, adam_m, adam_v })
+    let tokenizer = match &state.data.tokens {
+        None => None,
+        Some(rec) => {
+            let file = dir.join(TOKENIZER_FILE);
+            let bytes = read_regular_file(&file, MAX_TOKENIZER_BYTES, "tokenizer.json")?;
+            verify_checksum(&file, &bytes, &state)?;
+            let tok = Tokenizer::from_json(bytes).map_err(|e| e.context(file.display()))?;
+            if tok.sha256() != rec.tokenizer_sha256 {
+                bail!("{}: not the tokenizer {STATE_FILE} records (sha256 {})", file.display(), rec.tokenizer_sha256);
+            }
+            check_vocab(&tok, model.config.vocab).map_err(|e| e.context(file.display()))?;
+            Some(tok)
+        }
+    };
+    Ok(Checkpoint { dir, state, model, adam_m, adam_v, tokenizer })
 }
 
 /// Writes a checkpoint of `state.step` into `out` atomically (see the module docs) and returns
 /// its directory. `state.files` and `state.self_sha256` are filled in here. A checkpoint of the
 /// same step already in `out` is replaced.
-pub fn save(out: &Path, state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
+pub fn save(out: &Path, state: TrainState, files: Files<'_>) -> Result<PathBuf> {
     let name = step_dir_name(state.step);
-    save_as(out, &name, state, model, adam_m, adam_v)
+    save_as(out, &name, state, files)
+}
+
+/// What a checkpoint holds besides `state.json`: the weights, the AdamW moments, and the
+/// run's tokenizer (`None`: byte-level).
+#[derive(Clone, Copy)]
+pub struct Files<'a> {
+    pub model: &'a Model,
+    pub adam_m: &'a [f32],
+    pub adam_v: &'a [f32],
+    pub tokenizer: Option<&'a Tokenizer>,
 }
 
 /// Writes the checkpoint of `state.step` as `OUT/best/`, replacing the one there atomically
 /// (see the module docs), and returns its directory.
-pub fn save_best(out: &Path, state: TrainState, model: &Model, adam_m: &[f32], adam_v: &[f32]) -> Result<PathBuf> {
-    save_as(out, BEST_DIR, state, model, adam_m, adam_v)
+pub fn save_best(out: &Path, state: TrainState, files: Files<'_>) -> Result<PathBuf> {
+    save_as(out, BEST_DIR, state, files)
 }
 
 /// The periodic validation loss recorded in `OUT/best/state.json` and the `--eval-windows` it
@@ -286,33 +364,30 @@ pub fn best_val_loss(out: &Path) -> Option<(f32, usize)> {
     Some((state.val_loss?, state.options.eval_windows))
 }
 
-fn save_as(
-    out: &Path,
-    name: &str,
-    mut state: TrainState,
-    model: &Model,
-    adam_m: &[f32],
-    adam_v: &[f32],
-) -> Result<PathBuf> {
+fn save_as(out: &Path, name: &str, mut state: TrainState, files: Files<'_>) -> Result<PathBuf> {
     fs::create_dir_all(out).map_err(|e| io_err(out, &e))?;
     let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
     }
-    let result = write_into(&tmp, &mut state, model, adam_m, adam_v).and_then(|()| publish(out, &tmp, name));
+    let result = write_into(&tmp, &mut state, files).and_then(|()| publish(out, &tmp, name));
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
 }
 
-fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &[f32]) -> Result<()> {
+fn write_into(tmp: &Path, state: &mut TrainState, files: Files<'_>) -> Result<()> {
     fs::create_dir(tmp).map_err(|e| io_err(tmp, &e))?;
+    let model = files.model;
     let model_bytes = serialize_safetensors(model)?;
-    let optim_bytes = serialize_moments(m, v)?;
+    let optim_bytes = serialize_moments(files.adam_m, files.adam_v)?;
     state.files.clear();
     state.files.insert(MODEL_FILE.to_string(), sha256_hex(&model_bytes));
     state.files.insert(OPTIM_FILE.to_string(), sha256_hex(&optim_bytes));
+    if let Some(tok) = files.tokenizer {
+        state.files.insert(TOKENIZER_FILE.to_string(), tok.sha256().to_string());
+    }
     state.self_sha256 = ZERO_HASH.to_string();
     let mut json = serde_json::to_vec_pretty(&state)?;
     json.push(b'\n');
@@ -327,6 +402,9 @@ fn write_into(tmp: &Path, state: &mut TrainState, model: &Model, m: &[f32], v: &
     // For Hugging Face (`GPT2LMHeadModel.from_pretrained(dir)`); derived from the model's
     // checksummed metadata, which the loader checks it against, so it needs no checksum.
     write_synced(&tmp.join(hf::CONFIG_FILE), &hf::config_bytes(&model.config)?)?;
+    if let Some(tok) = files.tokenizer {
+        write_synced(&tmp.join(TOKENIZER_FILE), tok.json().as_bytes())?;
+    }
     sync_dir(tmp)
 }
 
@@ -468,12 +546,30 @@ pub fn check_state(s: &TrainState) -> std::result::Result<(), String> {
             d.bytes, d.train_bytes, d.val_bytes
         ));
     }
+    let (train_len, unit) = match &d.tokens {
+        None => (d.train_bytes, "bytes"),
+        Some(t) => {
+            if t.train_tokens.checked_add(t.val_tokens) != Some(t.tokens) || t.tokens > MAX_DATA_BYTES {
+                return Err(format!(
+                    "data records {} tokens split {} + {} (at most {MAX_DATA_BYTES}, and the parts must add up)",
+                    t.tokens, t.train_tokens, t.val_tokens
+                ));
+            }
+            if s.files.get(TOKENIZER_FILE) != Some(&t.tokenizer_sha256) {
+                return Err(format!(
+                    "data.tokens names tokenizer {}, files has no such {TOKENIZER_FILE}",
+                    t.tokenizer_sha256
+                ));
+            }
+            (t.train_tokens, "tokens")
+        }
+    };
     let sm = &s.sampler;
-    if sm.words == [0; 4] || sm.seq_len != s.options.context as u64 || sm.data_len != d.train_bytes {
+    if sm.words == [0; 4] || sm.seq_len != s.options.context as u64 || sm.data_len != train_len {
         return Err(format!(
-            "sampler state (windows of {} over {} bytes) does not match options.context {} and {} training bytes, \
-             or its words are all zero",
-            sm.seq_len, sm.data_len, s.options.context, d.train_bytes
+            "sampler state (windows of {} over {} {unit}) does not match options.context {} and {train_len} training \
+             {unit}, or its words are all zero",
+            sm.seq_len, sm.data_len, s.options.context
         ));
     }
     Ok(())

@@ -9,6 +9,7 @@ use crate::bail;
 use crate::error::Result;
 use crate::model::init::SplitMix64;
 use crate::model::{gpt::forward_with_layout, Activations, Model, PackedWeights, ParamLayout};
+use crate::tokenizer::Tokenizer;
 
 /// How to sample.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,7 +40,7 @@ impl SampleOptions {
     }
 }
 
-/// The token ids that are bytes: generation draws among these.
+/// The token ids that are bytes: byte-level generation draws among these.
 const BYTE_IDS: usize = 256;
 
 /// Produces one byte after another from a prompt.
@@ -52,22 +53,38 @@ pub struct Generator<'a> {
     window: Vec<u32>,
     rng: SplitMix64,
     opts: SampleOptions,
+    /// Ids drawn are below this: 256 for byte-level models, the tokenizer's vocabulary else
+    /// (a model's vocabulary may be padded past either).
+    draw_below: usize,
 }
 
 impl<'a> Generator<'a> {
     /// Starts from `prompt`, of which only the last T bytes are seen; the prompt must not be
     /// empty, since the model has no start-of-text token to condition on instead.
     pub fn new(model: &'a Model, prompt: &[u8], opts: SampleOptions) -> Result<Self> {
-        opts.validate()?;
         if prompt.is_empty() {
             bail!("the prompt must hold at least one byte (the model has no start-of-text token)");
         }
         if let Some(&b) = prompt.iter().find(|&&b| usize::from(b) >= model.config.vocab) {
             bail!("the prompt holds byte {b}, outside the model's vocabulary of {}", model.config.vocab);
         }
+        let ids: Vec<u32> = prompt.iter().map(|&b| u32::from(b)).collect();
+        Self::from_ids(model, &ids, opts, BYTE_IDS)
+    }
+
+    /// Starts from the token ids `prompt` (at least one; only the last T are seen), drawing ids
+    /// below `draw_below` (a tokenizer's vocabulary).
+    pub fn from_ids(model: &'a Model, prompt: &[u32], opts: SampleOptions, draw_below: usize) -> Result<Self> {
+        opts.validate()?;
+        if prompt.is_empty() {
+            bail!("the prompt must hold at least one token (the model has no start-of-text token)");
+        }
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= model.config.vocab) {
+            bail!("the prompt holds token {id}, outside the model's vocabulary of {}", model.config.vocab);
+        }
         let t = model.config.context;
         let start = prompt.len().saturating_sub(t);
-        let window = prompt[start..].iter().map(|&b| u32::from(b)).collect();
+        let window = prompt[start..].to_vec();
         let layout = ParamLayout::new(&model.config);
         // The weights do not change while generating: pack them once for every forward pass.
         let mut packed = PackedWeights::new(&layout);
@@ -80,30 +97,36 @@ impl<'a> Generator<'a> {
             window,
             rng: SplitMix64::new(opts.seed),
             opts,
+            draw_below: draw_below.max(1),
         })
     }
 
-    /// The next byte, which also joins the window. Non-finite output probabilities (finite
-    /// but diverged weights can overflow the logits) are an error, not a byte drawn from NaN.
+    /// The next byte of a byte-level model ([`Generator::new`]), which also joins the window.
     pub fn next_byte(&mut self) -> Result<u8> {
+        let id = self.next_id()?;
+        Ok(u8::try_from(id).unwrap_or(b'?'))
+    }
+
+    /// The next token id, which also joins the window. Non-finite output probabilities (finite
+    /// but diverged weights can overflow the logits) are an error, not a token drawn from NaN.
+    pub fn next_id(&mut self) -> Result<u32> {
         let t = self.window.len();
         let (params, packed) = (&self.model.params, Some(&self.packed));
         forward_with_layout(&self.layout, params, packed, &mut self.acts, &self.window, None, 1, t);
         let probs = self.acts.probs_at(0, t - 1);
         if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
-            bail!("the model's output is not finite (probability {} of byte {i} after {t} bytes): its weights have diverged", probs[i]);
+            bail!("the model's output is not finite (probability {} of token {i} after {t} tokens): its weights have diverged", probs[i]);
         }
-        // A byte-level model whose vocabulary is larger than 256 (`--vocab-size`) never saw
-        // the other ids in its data: draw among the 256 bytes, in proportion.
-        let probs = &probs[..probs.len().min(BYTE_IDS)];
+        // A model whose vocabulary is larger than its data's (`--vocab-size`, or a padded
+        // vocabulary) never saw the other ids: draw among the data's, in proportion.
+        let probs = &probs[..probs.len().min(self.draw_below)];
         let u = self.rng.next_f64();
-        let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u);
+        let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u) as u32;
         if self.window.len() == self.model.config.context {
             self.window.remove(0);
         }
-        let byte = u8::try_from(next).unwrap_or(b'?');
-        self.window.push(u32::from(byte));
-        Ok(byte)
+        self.window.push(next);
+        Ok(next)
     }
 }
 
@@ -137,6 +160,44 @@ pub fn generate_streaming(
         emit(gen.next_byte()?)?;
     }
     Ok(())
+}
+
+/// Generates `opts.tokens` tokens after `prompt` with `tokenizer` (the prompt encoded, every
+/// token handed to `emit` as the bytes it stands for, `table` from
+/// [`Tokenizer::token_bytes`]); `None` is a byte-level model, as [`generate_streaming`].
+pub fn generate_text(
+    model: &Model,
+    tokenizer: Option<(&Tokenizer, &[Vec<u8>])>,
+    prompt: &[u8],
+    opts: SampleOptions,
+    mut emit: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let Some((tok, table)) = tokenizer else {
+        return generate_streaming(model, prompt, opts, |b| emit(&[b]));
+    };
+    let text = std::str::from_utf8(prompt).map_err(|_| crate::err!("the prompt is not UTF-8 text"))?;
+    let ids = tok.encode(text)?;
+    let mut gen = Generator::from_ids(model, &ids, opts, tok.vocab_size().min(table.len()))?;
+    for _ in 0..opts.tokens {
+        let id = gen.next_id()?;
+        emit(table.get(id as usize).map_or(&[][..], Vec::as_slice))?;
+    }
+    Ok(())
+}
+
+/// [`generate_text`], the bytes kept.
+pub fn generate_bytes(
+    model: &Model,
+    tokenizer: Option<(&Tokenizer, &[Vec<u8>])>,
+    prompt: &[u8],
+    opts: SampleOptions,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    generate_text(model, tokenizer, prompt, opts, |b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Picks an index from the probabilities `probs` given a uniform `u` in [0, 1).

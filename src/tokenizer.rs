@@ -26,8 +26,12 @@ pub const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 pub const BYTE_ALPHABET: usize = 256;
 /// The end-of-text token a trained tokenizer reserves (GPT-2's spelling).
 pub const END_OF_TEXT: &str = "<|endoftext|>";
+/// The tokenizer's file name in a checkpoint directory (what `AutoTokenizer.from_pretrained`
+/// reads).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// A loaded tokenizer and the SHA-256 of the JSON it came from.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     json: String,
@@ -124,6 +128,43 @@ impl Tokenizer {
     pub fn json(&self) -> &str {
         &self.json
     }
+
+    /// The bytes each id stands for in the text, indexed by id. Exact for byte-level
+    /// tokenizers (GPT-2's kind: each symbol of a token is one byte) and for added tokens
+    /// (their content); for other decoders, the id decoded alone.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let added = self.inner.get_added_tokens_decoder();
+        let byte_level = matches!(self.inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
+        let symbols = byte_symbols_inverse();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(t) = added.get(&id) {
+                    return t.content.as_bytes().to_vec();
+                }
+                let token = self.inner.id_to_token(id).unwrap_or_default();
+                let mapped: Option<Vec<u8>> =
+                    if byte_level { token.chars().map(|c| symbols.get(&c).copied()).collect() } else { None };
+                mapped.unwrap_or_else(|| self.inner.decode(&[id], false).unwrap_or_default().into_bytes())
+            })
+            .collect()
+    }
+}
+
+/// GPT-2's byte-level alphabet: byte `b` is written as the character `byte_symbol(b)`. The
+/// printable bytes (`!`..`~`, `¡`..`¬`, `®`..`ÿ`) stand for themselves; the other 68 are
+/// numbered from U+0100 in byte order (so the space is `Ġ`, U+0120, and `\n` is `Ċ`).
+pub fn byte_symbol(b: u8) -> char {
+    let printable = |x: u8| matches!(x, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(0x100 + rank).unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
+/// Character to byte, the inverse of [`byte_symbol`].
+fn byte_symbols_inverse() -> std::collections::HashMap<char, u8> {
+    (0..=255u8).map(|b| (byte_symbol(b), b)).collect()
 }
 
 /// A trainable vocabulary size: room for the byte alphabet and [`END_OF_TEXT`], at most
@@ -152,6 +193,23 @@ mod tests {
         }
         let ids = t.encode(TEXT).unwrap();
         assert!(ids.len() < TEXT.len(), "merges shorten the text: {} ids for {} bytes", ids.len(), TEXT.len());
+    }
+
+    #[test]
+    fn byte_symbols_are_gpt2s_and_token_bytes_spell_the_text() {
+        assert_eq!(byte_symbol(b' '), 'Ġ');
+        assert_eq!(byte_symbol(b'\n'), 'Ċ');
+        assert_eq!(byte_symbol(b'A'), 'A');
+        assert_eq!(byte_symbol(0xad), '\u{143}');
+        assert_eq!(byte_symbols_inverse().len(), 256);
+        let t = Tokenizer::train_bpe(&TEXT.repeat(20), 300).unwrap();
+        let table = t.token_bytes();
+        assert_eq!(table.len(), t.vocab_size());
+        let text = "Speak, speak ünïcödé 🎭\n";
+        let spelled: Vec<u8> = t.encode(text).unwrap().iter().flat_map(|&id| table[id as usize].clone()).collect();
+        assert_eq!(spelled, text.as_bytes());
+        let eot = t.encode(END_OF_TEXT).unwrap();
+        assert_eq!(table[eot[0] as usize], END_OF_TEXT.as_bytes());
     }
 
     #[test]

@@ -6,13 +6,16 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{default_threads, usage, write_stdout, CliResult};
-use crate::checkpoint::load_model;
+use crate::checkpoint::{load_model, load_tokenizer};
+use crate::data::tokens::{TokenSlice, Tokenized};
 use crate::data::{load_corpus, DataFormat};
 use crate::train::eval::evaluate;
 
-/// Mean next-byte cross-entropy of a model on a file, over consecutive non-overlapping windows
-/// of the model's context T (window i predicts bytes i·T+1 … i·T+T from bytes i·T … i·T+T-1).
-/// Prints the loss in nats and in bits per byte, with the number of windows and tokens.
+/// Mean next-token cross-entropy of a model on a file, over consecutive non-overlapping windows
+/// of the model's context T (window i predicts tokens i·T+1 … i·T+T from tokens i·T … i·T+T-1).
+/// Prints the loss in nats per token and in bits per byte (total bits over the bytes the
+/// predicted tokens stand for), with the number of windows and tokens. Tokens are bytes, or
+/// with a tokenizer.json in the checkpoint directory, its ids.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A model.safetensors file, a checkpoint directory (step-NNNNNN, or RUN/best for the
@@ -54,11 +57,20 @@ pub fn run(args: EvalArgs) -> CliResult {
         usage!("--threads must be at least 1");
     }
     let (model, model_path) = load_model(&args.checkpoint)?;
+    let tokenizer = load_tokenizer(&args.checkpoint, &model)?;
     let corpus = load_corpus(Some(&args.data), args.format)?;
     let t = model.config.context;
-    let result =
-        evaluate(&model.config, &model.params, &corpus.bytes, t, args.max_windows.unwrap_or(usize::MAX), threads)
-            .map_err(|e| e.context(args.data.display()))?;
+    let tokens = match tokenizer {
+        Some(tok) => Some(Tokenized::new(tok, &corpus)?),
+        None => None,
+    };
+    let (slice, lens) = match &tokens {
+        None => (TokenSlice::Bytes(&corpus.bytes), None),
+        Some(tk) => (tk.ids.slice(), Some(tk.byte_lens.as_slice())),
+    };
+    let max = args.max_windows.unwrap_or(usize::MAX);
+    let result = crate::with_tokens!(slice, d => evaluate(&model.config, &model.params, d, lens, t, max, threads))
+        .map_err(|e| e.context(args.data.display()))?;
     if !result.loss.is_finite() {
         return Err(crate::err!(
             "{}: the loss on {} is {} (the weights have diverged)",
@@ -79,9 +91,10 @@ pub fn run(args: EvalArgs) -> CliResult {
         format!("{obj}\n")
     } else {
         format!(
-            "{}: loss {:.4} nats/byte, {:.4} bits/byte over {} windows of {t} ({} tokens) [model {}]\n",
+            "{}: loss {:.4} nats/{}, {:.4} bits/byte over {} windows of {t} ({} tokens) [model {}]\n",
             args.data.display(),
             result.loss,
+            if tokens.is_some() { "token" } else { "byte" },
             result.bits_per_byte(),
             result.windows,
             result.tokens,

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{usage, write_stdout, CliResult, Failure};
-use crate::checkpoint::load_model;
+use crate::checkpoint::{load_model, load_tokenizer};
 use crate::error::Error;
-use crate::generate::{generate_streaming, SampleOptions};
+use crate::generate::{generate_text, SampleOptions};
 
 /// Bytes generated when --tokens is not given.
 pub const DEFAULT_TOKENS: usize = 200;
@@ -19,9 +19,10 @@ pub const DEFAULT_TOP_K: usize = 0;
 /// Seed of the sampler when --seed is not given.
 pub const DEFAULT_SEED: u64 = 1;
 
-/// Print the prompt and a sampled continuation as raw bytes (the model works on bytes, so the
-/// output need not be valid UTF-8). The same checkpoint, prompt and seed always give the same
-/// bytes.
+/// Print the prompt and a sampled continuation as raw bytes (a byte-level model works on bytes,
+/// so the output need not be valid UTF-8). With a tokenizer.json in the checkpoint directory,
+/// the prompt is encoded with it and --tokens counts its tokens, printed as the text they stand
+/// for. The same checkpoint, prompt and seed always give the same bytes.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// A model.safetensors file, a checkpoint directory (step-NNNNNN, or RUN/best for the
@@ -31,7 +32,7 @@ pub struct GenerateArgs {
     /// Text to continue (only its last `context` bytes are seen by the model).
     #[arg(long, value_name = "TEXT", default_value = "\n", hide_default_value = true)]
     pub prompt: String,
-    /// Number of bytes to generate.
+    /// Number of bytes to generate (tokens, with a tokenizer).
     #[arg(long, value_name = "N", allow_negative_numbers = true, default_value_t = DEFAULT_TOKENS)]
     pub tokens: usize,
     /// Sampling temperature; 0 always picks the most likely byte (greedy).
@@ -56,15 +57,18 @@ pub fn run(args: GenerateArgs) -> CliResult {
         usage!("--prompt must not be empty (the model needs at least one byte to continue from)");
     }
     let (model, model_path) = load_model(&args.checkpoint)?;
+    let tokenizer = load_tokenizer(&args.checkpoint, &model)?;
+    let table = tokenizer.as_ref().map(|t| t.token_bytes());
     let opts = SampleOptions { tokens: args.tokens, temperature: args.temperature, top_k: args.top_k, seed: args.seed };
     if !args.no_prompt {
         write_stdout(args.prompt.as_bytes())?;
     }
     let mut out = std::io::stdout().lock();
     let mut closed = false;
-    let result = generate_streaming(&model, args.prompt.as_bytes(), opts, |b| {
-        // Streamed byte by byte so a slow generation shows progress.
-        out.write_all(&[b]).and_then(|()| out.flush()).map_err(|e| {
+    let tok = tokenizer.as_ref().zip(table.as_deref());
+    let result = generate_text(&model, tok, args.prompt.as_bytes(), opts, |b| {
+        // Streamed token by token so a slow generation shows progress.
+        out.write_all(b).and_then(|()| out.flush()).map_err(|e| {
             closed = e.kind() == std::io::ErrorKind::BrokenPipe;
             Error(format!("cannot write to stdout: {e}"))
         })

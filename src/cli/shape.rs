@@ -75,12 +75,16 @@ pub struct Shape {
     pub init: Option<Model>,
 }
 
-/// The run's model: see the module docs. `preset` is `--config`.
+/// The run's model: see the module docs. `preset` is `--config`. With a tokenizer of
+/// `tokenizer_vocab` tokens, the vocabulary is the tokenizer's unless `--vocab-size`,
+/// `--model-config`, `--init-from` or the resumed checkpoint fixes it (then it must cover the
+/// tokenizer's).
 pub fn resolve(
     preset: Option<&str>,
     args: &ShapeArgs,
     resumed: Option<&Checkpoint>,
     default: &str,
+    tokenizer_vocab: Option<usize>,
 ) -> CliResult<Shape> {
     if args.model_config.is_some() && preset.is_some() {
         usage!("--config and --model-config both give the model's shape: pass one of them");
@@ -126,10 +130,30 @@ pub fn resolve(
         }
         *field = value;
     }
-    config.validate().map_err(super::Failure::usage)?;
-    if config.vocab < BYTE_VOCAB {
-        usage!("vocabulary {} is smaller than the {BYTE_VOCAB} byte values of the data (--vocab-size)", config.vocab);
+    match tokenizer_vocab {
+        Some(tv) => {
+            let fixed = args.vocab_size.is_some() || args.model_config.is_some() || init.is_some() || resumed.is_some();
+            if !fixed && config.vocab != tv {
+                config.vocab = tv;
+                name = CUSTOM.to_string();
+            }
+            if config.vocab < tv {
+                usage!(
+                    "the model's vocabulary of {} (--vocab-size, --model-config or --init-from) is smaller than the \
+                     tokenizer's {tv} tokens",
+                    config.vocab
+                );
+            }
+        }
+        None if config.vocab < BYTE_VOCAB => {
+            usage!(
+                "vocabulary {} is smaller than the {BYTE_VOCAB} byte values of the data (--vocab-size)",
+                config.vocab
+            )
+        }
+        None => {}
     }
+    config.validate().map_err(super::Failure::usage)?;
     if let Some(c) = resumed {
         if config != c.model.config {
             let flags = model_flags(preset, args);

@@ -18,11 +18,13 @@ use super::generate::{DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 use super::{default_threads, usage, CliResult, Failure};
 use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
+use crate::data::tokens::{CacheUse, Tokenized, TOKEN_CACHE_FILE};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
 use crate::generate::SampleOptions;
 use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
 use crate::signals::StopRequest;
+use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
     DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_EVAL_WINDOWS, MAX_STEPS,
@@ -67,6 +69,11 @@ pub struct TrainArgs {
         "Fraction of the data (its tail) held out for validation; 0 for none. [default: {DEFAULT_VAL_FRACTION}]"
     ))]
     pub val_fraction: Option<f64>,
+    /// A Hugging Face tokenizer.json: the data is tokenized with it (once, cached as tokens.bin
+    /// in the run directory), the model's vocabulary is its size unless given, and every
+    /// checkpoint holds it. A resumed run uses its checkpoint's. Without it: byte-level, no file.
+    #[arg(long, value_name = "FILE", help_heading = "Data")]
+    pub tokenizer: Option<PathBuf>,
 
     #[arg(long, value_name = "NAME", help_heading = "Model", help = format!(
         "Model preset: tiny (tests), small, seed (benchmarks). [default: {DEFAULT_CONFIG}]"
@@ -118,6 +125,11 @@ pub struct TrainArgs {
          parameters or, unless --decay-embeddings, the embeddings). [default: 0]"
     )]
     pub weight_decay: Option<f32>,
+    /// Dropout probability in [0, 1) on the attention probabilities, the attention's output
+    /// projection and the MLP's output, as GPT-2 trains; never in evaluation or sampling. Masks
+    /// depend on the seed, step and micro-batch only, so runs stay bit-identical at any --threads.
+    #[arg(long, value_name = "P", allow_negative_numbers = true, help_heading = "Optimization")]
+    pub dropout: Option<f32>,
     /// Apply --weight-decay to the token and position embeddings too.
     #[arg(long, help_heading = "Optimization")]
     pub decay_embeddings: bool,
@@ -204,6 +216,8 @@ struct Plan {
     memory: MemoryPlan,
     /// The run directory is created only when training starts.
     out_is_new: bool,
+    /// The token cache to write once the run holds its directory (tokenized now, not read).
+    write_cache: Option<PathBuf>,
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -222,6 +236,9 @@ pub fn run(args: TrainArgs) -> CliResult {
     let _lock = checkpoint::lock_run_dir(&plan.spec.out)?;
     check_out_history(&plan.spec.out, plan.spec.resume.as_ref())?;
     checkpoint::probe_writable(&plan.spec.out)?;
+    if let (Some(path), Some(t)) = (&plan.write_cache, &plan.spec.tokens) {
+        t.write_cache(&plan.spec.corpus, path)?;
+    }
     let summary = runner::train(&plan.spec, &stop)?;
     match summary.interrupted {
         Some(sig) => report::report_interrupt(&plan, &summary, sig, &args),
@@ -237,19 +254,27 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         Some(p) => Some(checkpoint::load(p)?),
         None => None,
     };
-    let (model_config, options, init) = merge_options(args, resumed.as_ref())?;
+    let tokenizer = resolve_tokenizer(args, resumed.as_ref())?;
+    let (model_config, options, init) =
+        merge_options(args, resumed.as_ref(), tokenizer.as_ref().map(|(t, _)| t.vocab_size()))?;
     check_counts(&options)?;
     check_run(&options, resumed.as_ref(), &inject_nan)?;
-    let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
-    let memory = memory_plan(&model_config, &options, corpus.len(), resumed.is_some() || init.is_some())?;
+    let (data_path, corpus) = resolve_data(args, resumed.as_ref())?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
+    let (tokens, write_cache, token_note) = match tokenizer {
+        None => (None, None, None),
+        Some((tok, shown)) => {
+            let (t, cache, note) = tokenize(tok, &shown, &corpus, &out, args)?;
+            (Some(t), cache, note)
+        }
+    };
+    let (train_len, _) = runner::split_lens(&corpus, tokens.as_ref(), &options)?;
+    let token_bytes = tokens.as_ref().map_or(0, |t| t.ids.len() * t.ids.id_bytes());
+    let memory = memory_plan(&model_config, &options, corpus.len() + token_bytes, resumed.is_some() || init.is_some())?;
     if let Some(c) = &resumed {
         note_new_total(args, c, options.steps);
     }
     check_metrics(args)?;
-    if !args.quiet {
-        warn_epochs(&corpus, &options)?;
-    }
     let samples = Some(args.sample_every.unwrap_or(DEFAULT_SAMPLE_EVERY)).filter(|&n| n > 0).map(|every| SampleSpec {
         every,
         prompt: b"\n".to_vec(),
@@ -272,6 +297,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         options,
         data_path: data_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
         corpus,
+        tokens,
         out,
         resume: resumed,
         init,
@@ -282,7 +308,64 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         samples,
         save_on_interrupt: !args.no_save_on_interrupt,
     };
-    Ok(Plan { spec, memory, out_is_new })
+    // Said once everything is checked, so that an error stays the only line.
+    if let Some(note) = token_note {
+        eprintln!("{note}");
+    }
+    if !args.quiet {
+        warn_epochs(train_len, spec.tokens.is_some(), &spec.options);
+    }
+    Ok(Plan { spec, memory, out_is_new, write_cache })
+}
+
+/// The run's tokenizer and how to name it: `--tokenizer`, else the resumed checkpoint's; both
+/// given, they must be the same file (by SHA-256). `None`: byte-level.
+fn resolve_tokenizer(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<Option<(Tokenizer, String)>> {
+    let given = match &args.tokenizer {
+        Some(p) => Some((Tokenizer::load(p)?, p.display().to_string())),
+        None => None,
+    };
+    let recorded = resumed.and_then(|c| c.tokenizer.clone().map(|t| (t, c.dir.join(TOKENIZER_FILE))));
+    match (given, recorded, resumed) {
+        (Some((t, shown)), Some((r, file)), _) if t.sha256() != r.sha256() => usage!(
+            "--tokenizer {shown} (sha256 {}) is not the checkpoint's tokenizer {} (sha256 {}); drop the flag to resume",
+            t.sha256(),
+            file.display(),
+            r.sha256()
+        ),
+        (Some((_, shown)), None, Some(c)) => usage!(
+            "--tokenizer {shown}: the checkpoint {} was trained byte-level, without a tokenizer; drop the flag to resume",
+            c.dir.display()
+        ),
+        (Some(g), _, _) => Ok(Some(g)),
+        (None, Some((r, file)), _) => Ok(Some((r, file.display().to_string()))),
+        (None, None, _) => Ok(None),
+    }
+}
+
+/// Tokenizes the corpus, through the run directory's cache ([`TOKEN_CACHE_FILE`]). Returns the
+/// tokens, the cache to write when the run starts (`None`: reused, or a dry run), and the line
+/// to print about it: a cache that does not match is re-made, and that is said even with
+/// `--quiet`.
+fn tokenize(
+    tok: Tokenizer,
+    shown: &str,
+    corpus: &Corpus,
+    out: &Path,
+    args: &TrainArgs,
+) -> CliResult<(Tokenized, Option<PathBuf>, Option<String>)> {
+    let path = out.join(TOKEN_CACHE_FILE);
+    let (t, how) = Tokenized::cached(tok, corpus, &path)?;
+    let what = format!("{} tokens for {} bytes of {} ({shown})", t.ids.len(), corpus.len(), corpus.name);
+    let write = if args.dry_run { "dry run: not written" } else { "written" };
+    let note = match &how {
+        CacheUse::Remade(why) => Some(format!("re-tokenizing: {why}; {what}; cache re-made ({write})")),
+        _ if args.quiet => None,
+        CacheUse::Reused => Some(format!("tokens: {what}, read from the cache {}", path.display())),
+        CacheUse::Made => Some(format!("tokenized: {what}; cache {} ({write})", path.display())),
+    };
+    let cache = (!args.dry_run && how != CacheUse::Reused).then_some(path);
+    Ok((t, cache, note))
 }
 
 /// Checks the numbers and names that are wrong whatever else is given, before touching any
@@ -317,6 +400,11 @@ fn check_flags(args: &TrainArgs) -> CliResult<Vec<(u64, usize)>> {
     if let Some(wd) = args.weight_decay {
         if !wd.is_finite() || wd < 0.0 {
             usage!("--weight-decay must be a number >= 0, got {wd}");
+        }
+    }
+    if let Some(p) = args.dropout {
+        if !(0.0..1.0).contains(&p) {
+            usage!("--dropout must be in [0, 1), got {p}");
         }
     }
     if let Some(f) = args.val_fraction {
@@ -421,9 +509,10 @@ impl<'a> Resumed<'a> {
 fn merge_options(
     args: &TrainArgs,
     resumed: Option<&Checkpoint>,
+    tokenizer_vocab: Option<usize>,
 ) -> CliResult<(ModelConfig, RunOptions, Option<Model>)> {
     let r = Resumed::new(resumed);
-    let shape = super::shape::resolve(args.config.as_deref(), &args.shape, resumed, DEFAULT_CONFIG)?;
+    let shape = super::shape::resolve(args.config.as_deref(), &args.shape, resumed, DEFAULT_CONFIG, tokenizer_vocab)?;
     let (config_name, model_config) = (shape.name, shape.config);
     let context = r.pinned("--context", args.context, |p| p.context, model_config.context)?;
     if context > model_config.context {
@@ -445,6 +534,7 @@ fn merge_options(
     let weight_decay = r.pinned("--weight-decay", args.weight_decay, |p| p.weight_decay, 0.0)?;
     let decay_embeddings =
         r.pinned("--decay-embeddings", args.decay_embeddings.then_some(true), |p| p.decay_embeddings, false)?;
+    let dropout = r.pinned("--dropout", args.dropout, |p| p.dropout, 0.0)?;
     let val_fraction = r.pinned("--val-fraction", args.val_fraction, |p| p.val_fraction, DEFAULT_VAL_FRACTION)?;
     // The total may grow on resume (training further); the schedule then follows the new total.
     let steps = r.free(args.steps, |p| p.steps, DEFAULT_STEPS);
@@ -471,6 +561,7 @@ fn merge_options(
         clip_mode,
         weight_decay,
         decay_embeddings,
+        dropout,
         val_fraction,
         eval_every: r.free(args.eval_every, |p| p.eval_every, DEFAULT_EVAL_EVERY),
         eval_windows: r.free(args.eval_windows, |p| p.eval_windows, DEFAULT_EVAL_WINDOWS),
@@ -505,13 +596,9 @@ fn check_run(o: &RunOptions, resumed: Option<&Checkpoint>, inject_nan: &[(u64, u
 
 /// The data of the run: the flag, else the data the checkpoint was trained on, read the same
 /// way; a resumed run must see the same bytes, or its batches would silently differ. Returns
-/// the data file (`None`: the built-in corpus) and the corpus, checked to split at the
-/// run's validation fraction and context.
-fn resolve_data(
-    args: &TrainArgs,
-    resumed: Option<&Checkpoint>,
-    o: &RunOptions,
-) -> CliResult<(Option<PathBuf>, Corpus)> {
+/// the data file (`None`: the built-in corpus) and the corpus (its split is checked on the
+/// run's tokens, [`RunSpec::split_lens`]).
+fn resolve_data(args: &TrainArgs, resumed: Option<&Checkpoint>) -> CliResult<(Option<PathBuf>, Corpus)> {
     let data_path: Option<PathBuf> = match (&args.data, resumed) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(c)) if c.state.data.name != TINY_SHAKESPEARE_NAME => {
@@ -539,7 +626,6 @@ fn resolve_data(
             )));
         }
     }
-    corpus.split(o.val_fraction, o.context)?;
     Ok((data_path, corpus))
 }
 
@@ -602,18 +688,17 @@ fn check_out_history(out: &Path, resumed: Option<&Checkpoint>) -> CliResult {
     Ok(())
 }
 
-/// Warns when the run passes over its training text more than [`MAX_QUIET_EPOCHS`] times.
-fn warn_epochs(corpus: &Corpus, o: &RunOptions) -> CliResult {
-    let (train, _) = corpus.split(o.val_fraction, o.context)?;
-    let epochs = (o.steps as f64 * (o.batch * o.context) as f64) / (train.len().max(1) as f64);
+/// Warns when the run passes over its `train_len` training tokens more than
+/// [`MAX_QUIET_EPOCHS`] times.
+fn warn_epochs(train_len: usize, tokenized: bool, o: &RunOptions) {
+    let epochs = (o.steps as f64 * (o.batch * o.context) as f64) / (train_len.max(1) as f64);
     if epochs > MAX_QUIET_EPOCHS {
+        let size = if tokenized { format!("{train_len} tokens") } else { format_size(train_len) };
         eprintln!(
-            "warning: {epochs:.1} epochs over {} of training text (more than {MAX_QUIET_EPOCHS}: the model may learn \
-             it by heart; watch the validation loss, or give more data or fewer --steps)",
-            format_size(train.len())
+            "warning: {epochs:.1} epochs over {size} of training text (more than {MAX_QUIET_EPOCHS}: the model may learn \
+             it by heart; watch the validation loss, or give more data or fewer --steps)"
         );
     }
-    Ok(())
 }
 
 /// `1.0 MB`, `12.3 KB`, `512 bytes` (decimal units).

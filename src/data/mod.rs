@@ -1,7 +1,8 @@
 //! Training data: a corpus of bytes, its train/validation split, and seeded batch sampling.
 //!
-//! cllm models are byte-level, so every corpus ends up as a flat `Vec<u8>`; token `i` is byte
-//! `i`. Plain text files are used as they are (any bytes, UTF-8 or not). SQuAD v1.1/v2.0 JSON
+//! Every corpus is first a flat `Vec<u8>`: for byte-level models (the default) token `i` is byte
+//! `i`; with a tokenizer (`cllm train --tokenizer`), [`tokens`] turns the text into ids and
+//! caches them next to the run. Plain text files are used as they are (any bytes, UTF-8 or not). SQuAD v1.1/v2.0 JSON
 //! files are converted to text first, one segment per question (see [`squad`] for the layout
 //! and the quirks of real files that are accepted).
 //!
@@ -15,6 +16,7 @@
 pub mod sampler;
 pub mod squad;
 pub mod text;
+pub mod tokens;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -130,6 +132,12 @@ pub fn load_corpus(path: Option<&Path>, format: DataFormat) -> Result<Corpus> {
 /// evaluation could not draw a single example. `val_fraction == 0` means no validation set
 /// (the second slice is empty).
 pub fn split_bytes(data: &[u8], val_fraction: f64, window: usize) -> Result<(&[u8], &[u8])> {
+    split_tokens(data, val_fraction, window, "bytes")
+}
+
+/// [`split_bytes`] for any token type; `unit` names the tokens in messages (`"bytes"`,
+/// `"tokens"`).
+pub fn split_tokens<'a, T>(data: &'a [T], val_fraction: f64, window: usize, unit: &str) -> Result<(&'a [T], &'a [T])> {
     if !(0.0..1.0).contains(&val_fraction) {
         crate::bail!("validation fraction must be in [0, 1), got {val_fraction}");
     }
@@ -142,14 +150,14 @@ pub fn split_bytes(data: &[u8], val_fraction: f64, window: usize) -> Result<(&[u
     let (train, val) = data.split_at(data.len() - val_len);
     if train.len() < need {
         crate::bail!(
-            "training split has {} bytes, needs at least {need} for one window of {window} \
+            "training split has {} {unit}, needs at least {need} for one window of {window} \
              (use a larger corpus or a smaller context)",
             train.len()
         );
     }
     if val_fraction > 0.0 && val.len() < need {
         crate::bail!(
-            "validation split has {} bytes ({} of {}), needs at least {need} for one window of \
+            "validation split has {} {unit} ({} of {}), needs at least {need} for one window of \
              {window} (raise the validation fraction, or set it to 0 for no validation)",
             val.len(),
             val_fraction,

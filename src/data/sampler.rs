@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::tokens::Token;
 use crate::error::Result;
 
 /// SplitMix64: expands a 64-bit seed into well-mixed words (and never four zeros).
@@ -133,15 +134,22 @@ impl BatchSampler {
     ///
     /// # Panics
     /// If `data.len() < seq + 1` or `seq == 0`; [`super::split_bytes`] rules that out.
-    pub fn next_batch(&mut self, data: &[u8], batch: usize, seq: usize, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) {
+    pub fn next_batch<T: Token>(
+        &mut self,
+        data: &[T],
+        batch: usize,
+        seq: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<u32>,
+    ) {
         inputs.clear();
         targets.clear();
         inputs.reserve(batch * seq);
         targets.reserve(batch * seq);
         for _ in 0..batch {
             let o = self.next_offset(data.len(), seq);
-            inputs.extend(data[o..o + seq].iter().map(|&b| u32::from(b)));
-            targets.extend(data[o + 1..o + seq + 1].iter().map(|&b| u32::from(b)));
+            inputs.extend(data[o..o + seq].iter().map(|&b| b.id()));
+            targets.extend(data[o + 1..o + seq + 1].iter().map(|&b| b.id()));
         }
     }
 }
@@ -150,21 +158,26 @@ impl BatchSampler {
 /// `[i*t, i*t + t)` and targets `[i*t + 1, i*t + t + 1)`; only windows whose targets fit are
 /// produced, at most `max` of them. `t == 0` produces none.
 pub fn windows(data: &[u8], t: usize, max: usize) -> Windows<'_> {
+    token_windows(data, t, max)
+}
+
+/// [`windows`] over tokens of any type (a tokenizer's ids).
+pub fn token_windows<T>(data: &[T], t: usize, max: usize) -> Windows<'_, T> {
     let fit = data.len().saturating_sub(1).checked_div(t).unwrap_or(0);
     Windows { data, t, next: 0, count: fit.min(max) }
 }
 
-/// Iterator returned by [`windows`]: yields `(inputs, targets)` byte slices.
+/// Iterator returned by [`windows`]: yields `(inputs, targets)` token slices.
 #[derive(Clone, Debug)]
-pub struct Windows<'a> {
-    data: &'a [u8],
+pub struct Windows<'a, T = u8> {
+    data: &'a [T],
     t: usize,
     next: usize,
     count: usize,
 }
 
-impl<'a> Iterator for Windows<'a> {
-    type Item = (&'a [u8], &'a [u8]);
+impl<'a, T> Iterator for Windows<'a, T> {
+    type Item = (&'a [T], &'a [T]);
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.count {
@@ -181,7 +194,7 @@ impl<'a> Iterator for Windows<'a> {
     }
 }
 
-impl ExactSizeIterator for Windows<'_> {}
+impl<T> ExactSizeIterator for Windows<'_, T> {}
 
 #[cfg(test)]
 mod tests {

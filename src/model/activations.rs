@@ -54,6 +54,8 @@ pub struct Activations {
     pub probs: Vec<f32>,
     /// Per-position loss [N].
     pub losses: Vec<f32>,
+    /// The dropout of the last forward call (training only), which backward follows.
+    pub dropout: Option<super::dropout::Dropout>,
     // Backward scratch.
     pub(crate) d_res: Vec<f32>,
     pub(crate) d_ln: Vec<f32>,
@@ -102,6 +104,7 @@ impl Activations {
             lnf_rstd: z(n),
             probs: z(n * v),
             losses: z(n),
+            dropout: None,
             d_res: z(n * c),
             d_ln: z(n * c),
             d_big: z(n * 4 * c),

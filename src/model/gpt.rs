@@ -7,6 +7,7 @@
 //! [`super::params::TensorSpec::written_by_gemm`].
 
 use super::activations::{Activations, BlockActs};
+use super::dropout::{Dropout, Mask, Site};
 use super::gemm::{gemm, gemm_prepacked};
 use super::kernel::Mat;
 use super::layers::*;
@@ -73,7 +74,26 @@ pub fn forward_with_layout(
     b: usize,
     t: usize,
 ) -> f32 {
+    forward_dropout(layout, params, packed, acts, inputs, targets, b, t, None)
+}
+
+/// [`forward_with_layout`] in training mode: with `dropout` (see [`super::dropout`]) on the
+/// attention probabilities and the two residual branches, which [`backward_with_layout`] then
+/// follows. `None` is exactly [`forward_with_layout`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_dropout(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    inputs: &[u32],
+    targets: Option<&[u32]>,
+    b: usize,
+    t: usize,
+    dropout: Option<Dropout>,
+) -> f32 {
     load_batch(layout, params, packed, acts, inputs, targets, b, t);
+    acts.dropout = dropout;
     let d = Dims::new(&layout.config, b, t);
     let nc = d.n * d.c;
     let (wte, wpe) = (&params[layout.wte.clone()], &params[layout.wpe.clone()]);
@@ -81,7 +101,8 @@ pub fn forward_with_layout(
     for (l, p) in layout.blocks.iter().enumerate() {
         let (done, rest) = acts.blocks.split_at_mut(l);
         let resid = residual_after(done, &acts.encoded, nc);
-        block_forward(&p.of(params), packed.map(|pw| &pw.blocks[l]), &mut rest[0], resid, d);
+        let masks = dropout.map(|dr| BlockMasks::new(&dr, l));
+        block_forward(&p.of(params), packed.map(|pw| &pw.blocks[l]), &mut rest[0], resid, d, masks);
     }
     head_forward(layout, params, packed, acts, targets, d)
 }
@@ -126,15 +147,45 @@ fn load_batch(
     }
 }
 
+/// One block's dropout masks.
+#[derive(Clone, Copy)]
+struct BlockMasks {
+    probs: Mask,
+    proj: Mask,
+    mlp: Mask,
+}
+
+impl BlockMasks {
+    fn new(d: &Dropout, layer: usize) -> Self {
+        BlockMasks {
+            probs: d.mask(layer, Site::AttnProbs),
+            proj: d.mask(layer, Site::AttnProj),
+            mlp: d.mask(layer, Site::MlpOut),
+        }
+    }
+}
+
 /// One transformer block, `resid` [N,C] in, `a.res3` [N,C] out:
-/// res2 = resid + c_proj(attn(c_attn(ln_1(resid)))), res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))).
-fn block_forward(w: &BlockWeights, pk: Option<&PackedBlock>, a: &mut BlockActs, resid: &[f32], d: Dims) {
+/// res2 = resid + c_proj(attn(c_attn(ln_1(resid)))), res3 = res2 + c_proj(gelu(c_fc(ln_2(res2)))),
+/// with `masks` on the attention probabilities and on both c_proj outputs.
+fn block_forward(
+    w: &BlockWeights,
+    pk: Option<&PackedBlock>,
+    a: &mut BlockActs,
+    resid: &[f32],
+    d: Dims,
+    masks: Option<BlockMasks>,
+) {
     let (n, c, nc) = (d.n, d.c, d.n * d.c);
     // ln1[N,C], qkv[N,3C], atty[N,C] (att[B,NH,T,T] saved), res2[N,C]
     layernorm_forward(&mut a.ln1[..nc], &mut a.ln1_mean[..n], &mut a.ln1_rstd[..n], resid, w.ln1_w, w.ln1_b, n, c);
     linear_forward(&mut a.qkv[..3 * nc], &a.ln1[..nc], w.qkv_w, pk.map(|k| &k.qkv.fwd), w.qkv_b, n, c, 3 * c);
-    attention_forward(&mut a.atty[..nc], &mut a.att[..d.att()], &a.qkv[..3 * nc], d.b, d.t, c, d.nh);
+    let (att, probs) = (&mut a.att[..d.att()], masks.map(|m| m.probs));
+    attention_forward_dropout(&mut a.atty[..nc], att, &a.qkv[..3 * nc], d.b, d.t, c, d.nh, probs);
     linear_forward(&mut a.res2[..nc], &a.atty[..nc], w.proj_w, pk.map(|k| &k.proj.fwd), w.proj_b, n, c, c);
+    if let Some(m) = masks {
+        m.proj.apply(&mut a.res2[..nc], 0);
+    }
     add_inplace(&mut a.res2[..nc], resid);
     // ln2[N,C], fch[N,4C], fch_gelu[N,4C], res3[N,C]
     let res2 = &a.res2[..nc];
@@ -144,6 +195,9 @@ fn block_forward(w: &BlockWeights, pk: Option<&PackedBlock>, a: &mut BlockActs, 
     gelu_forward_saving_grad(&mut a.fch_gelu[..4 * nc], &mut a.fch[..4 * nc]);
     let fcproj = pk.map(|k| &k.fcproj.fwd);
     linear_forward(&mut a.res3[..nc], &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, w.fcproj_b, n, 4 * c, c);
+    if let Some(m) = masks {
+        m.mlp.apply(&mut a.res3[..nc], 0);
+    }
     add_inplace(&mut a.res3[..nc], res2);
 }
 
@@ -228,7 +282,8 @@ pub fn backward_with_layout(
     for (l, p) in layout.blocks.iter().enumerate().rev() {
         let resid = residual_after(&acts.blocks[..l], &acts.encoded, nc);
         let pk = packed.map(|pw| &pw.blocks[l]);
-        block_backward(&p.of(params), pk, &acts.blocks[l], resid, p.of_mut(grads), &mut s, d);
+        let masks = acts.dropout.map(|dr| BlockMasks::new(&dr, l));
+        block_backward(&p.of(params), pk, &acts.blocks[l], resid, p.of_mut(grads), &mut s, d, masks);
     }
     let [dwte, dwpe] = split_mut(grads, [&layout.wte, &layout.wpe]);
     encoder_backward(dwte, dwpe, s.d_res, &acts.inputs[..d.n], d.b, d.t, d.c);
@@ -265,6 +320,7 @@ fn head_backward(
 /// Backward through one block (see [`block_forward`]): `s.d_res` goes from dL/d(res3) to
 /// dL/d(resid); the block's weight gradients are written and its other gradients accumulated
 /// into `g`.
+#[allow(clippy::too_many_arguments)]
 fn block_backward(
     w: &BlockWeights,
     pk: Option<&PackedBlock>,
@@ -273,18 +329,37 @@ fn block_backward(
     g: BlockTensors<&mut [f32]>,
     s: &mut Scratch,
     d: Dims,
+    masks: Option<BlockMasks>,
 ) {
     let (n, c, nc) = (d.n, d.c, d.n * d.c);
     // MLP half, from d_res = dL/d(res3): d_big[N,4C] (through GELU), d_ln[N,C], d_res += ...
+    // With dropout, c_proj's output gradient is d_res through the mask, in d_ln (free here).
     let fcproj = pk.map(|k| &k.fcproj.bwd);
-    linear_backward(s.d_big, g.fcproj_w, g.fcproj_b, s.d_res, &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, n, 4 * c, c);
+    let d_mlp: &[f32] = match masks {
+        None => &*s.d_res,
+        Some(m) => {
+            m.mlp.apply_into(s.d_ln, s.d_res, 0);
+            &*s.d_ln
+        }
+    };
+    linear_backward(s.d_big, g.fcproj_w, g.fcproj_b, d_mlp, &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, n, 4 * c, c);
     gelu_backward_saved(s.d_big, &a.fch[..4 * nc]);
     linear_backward(s.d_ln, g.fc_w, g.fc_b, s.d_big, &a.ln2[..nc], w.fc_w, pk.map(|k| &k.fc.bwd), n, c, 4 * c);
     let (res2, mean2, rstd2) = (&a.res2[..nc], &a.ln2_mean[..n], &a.ln2_rstd[..n]);
     layernorm_backward(s.d_res, g.ln2_w, g.ln2_b, s.d_ln, res2, w.ln2_w, mean2, rstd2, n, c);
     // Attention half, from d_res = dL/d(res2): d_ln[N,C], d_qkv[N,3C], d_ln[N,C], d_res += ...
-    linear_backward(s.d_ln, g.proj_w, g.proj_b, s.d_res, &a.atty[..nc], w.proj_w, pk.map(|k| &k.proj.bwd), n, c, c);
-    attention_backward(s.d_qkv, s.d_att, s.d_ln, &a.qkv[..3 * nc], &a.att[..d.att()], d.b, d.t, c, d.nh);
+    // With dropout, c_proj's output gradient is d_res through the mask, in d_qkv (free here).
+    let d_proj: &[f32] = match masks {
+        None => &*s.d_res,
+        Some(m) => {
+            m.proj.apply_into(&mut s.d_qkv[..nc], s.d_res, 0);
+            &s.d_qkv[..nc]
+        }
+    };
+    let proj = pk.map(|k| &k.proj.bwd);
+    linear_backward(s.d_ln, g.proj_w, g.proj_b, d_proj, &a.atty[..nc], w.proj_w, proj, n, c, c);
+    let (qkv, att, probs) = (&a.qkv[..3 * nc], &a.att[..d.att()], masks.map(|m| m.probs));
+    attention_backward_dropout(s.d_qkv, s.d_att, s.d_ln, qkv, att, d.b, d.t, c, d.nh, probs);
     linear_backward(s.d_ln, g.qkv_w, g.qkv_b, s.d_qkv, &a.ln1[..nc], w.qkv_w, pk.map(|k| &k.qkv.bwd), n, c, 3 * c);
     let (mean1, rstd1) = (&a.ln1_mean[..n], &a.ln1_rstd[..n]);
     layernorm_backward(s.d_res, g.ln1_w, g.ln1_b, s.d_ln, resid, w.ln1_w, mean1, rstd1, n, c);

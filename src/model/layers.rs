@@ -7,6 +7,8 @@ use super::kernel::{gemm_packed_block, Mat, PackedB};
 use crate::simd::{multiversion, simd_dispatch, Portable, Simd};
 use std::cell::RefCell;
 
+use super::dropout::Mask;
+
 /// LayerNorm epsilon, as GPT-2.
 pub const LN_EPS: f32 = 1e-5;
 
@@ -241,10 +243,42 @@ fn with_head_packs<R>(f: impl FnOnce(&mut [PackedB; 4]) -> R) -> R {
     HEAD_PACKS.with(|p| f(&mut p.borrow_mut()))
 }
 
+thread_local! {
+    /// One head's dropped-out probabilities [T,T] (dropout only), grown once per thread.
+    static DROPPED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's [`DROPPED`] buffer, at least `len` long.
+fn with_dropped<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    DROPPED.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.len() < len {
+            d.resize(len, 0.0);
+        }
+        f(&mut d[..len])
+    })
+}
+
 /// out[B,T,C] = softmax(Q·Kᵀ/√hd, causal)·V per head; att[B,NH,T,T] saves the probabilities
 /// (zero above the diagonal). qkv[B,T,3C] holds Q | K | V, each split into NH heads of hd.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize, t: usize, c: usize, nh: usize) {
+    attention_forward_dropout(out, att, qkv, b, t, c, nh, None)
+}
+
+/// [`attention_forward`] with dropout on the probabilities that weight V (`att` still saves
+/// them before dropout; element (b, h, i, j) of the mask is number ((b·NH + h)·T + i)·T + j).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_dropout(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    mask: Option<Mask>,
+) {
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
     let c3 = 3 * c;
@@ -263,9 +297,19 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
                     gemm_packed_block(rb, &mut p[r0 * t..], t, q_rows, kt_p, 0..hd, r0 + rb, false);
                 }
                 causal_softmax_rows(p, t, scale);
-                for (r0, rb) in row_blocks(t) {
-                    let o = &mut out[(bi * t + r0) * c + h * hd..];
-                    gemm_packed_block(rb, o, c, Mat::rows(&p[r0 * t..], t), v_p, 0..r0 + rb, hd, false);
+                let first = ((bi * nh + h) * t * t) as u64;
+                let mut weigh = |w: &[f32]| {
+                    for (r0, rb) in row_blocks(t) {
+                        let o = &mut out[(bi * t + r0) * c + h * hd..];
+                        gemm_packed_block(rb, o, c, Mat::rows(&w[r0 * t..], t), v_p, 0..r0 + rb, hd, false);
+                    }
+                };
+                match mask {
+                    None => weigh(&*p),
+                    Some(m) => with_dropped(t * t, |pd| {
+                        m.apply_into(pd, p, first);
+                        weigh(pd)
+                    }),
                 }
             }
         }
@@ -284,6 +328,23 @@ pub fn attention_backward(
     t: usize,
     c: usize,
     nh: usize,
+) {
+    attention_backward_dropout(dqkv, datt, dout, qkv, att, b, t, c, nh, None)
+}
+
+/// [`attention_backward`] for [`attention_forward_dropout`] with the same `mask`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_dropout(
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    mask: Option<Mask>,
 ) {
     let hd = c / nh;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -304,11 +365,25 @@ pub fn attention_backward(
                     let dout_rows = Mat::strided(&dout_h[r0 * c..], c, 1);
                     gemm_packed_block(rb, &mut ds[r0 * t..], t, dout_rows, vt_p, 0..hd, r0 + rb, false);
                 }
-                // dV = Pᵀ · dOut: rows [j0, j0+jb) of dV gather rows i ≥ j0 of dOut
-                for (j0, jb) in row_blocks(t) {
-                    let pt = Mat::strided(&p[j0 * t + j0..], 1, t);
-                    let dv = &mut dqkv[base + 2 * c + j0 * c3..];
-                    gemm_packed_block(jb, dv, c3, pt, dout_p, j0..t, hd, false);
+                // dV = Pᵀ · dOut: rows [j0, j0+jb) of dV gather rows i ≥ j0 of dOut (P after
+                // dropout; dP then goes back through the mask)
+                let dv_from = |w: &[f32], dqkv: &mut [f32]| {
+                    for (j0, jb) in row_blocks(t) {
+                        let pt = Mat::strided(&w[j0 * t + j0..], 1, t);
+                        let dv = &mut dqkv[base + 2 * c + j0 * c3..];
+                        gemm_packed_block(jb, dv, c3, pt, dout_p, j0..t, hd, false);
+                    }
+                };
+                match mask {
+                    None => dv_from(p, dqkv),
+                    Some(m) => {
+                        let first = ((bi * nh + h) * t * t) as u64;
+                        with_dropped(t * t, |pd| {
+                            m.apply_into(pd, p, first);
+                            dv_from(pd, dqkv)
+                        });
+                        m.apply(ds, first);
+                    }
                 }
                 // softmax backward, folding in the score scale: dS = P ⊙ (dP - rowsum(P ⊙ dP)) / √hd
                 causal_softmax_backward_rows(p, ds, t, scale);

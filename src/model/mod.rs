@@ -10,6 +10,7 @@
 //! SIMD helpers (`crate::simd`) and the error type.
 
 pub mod activations;
+pub mod dropout;
 pub mod gemm;
 pub mod gpt;
 pub mod hf;

@@ -6,6 +6,7 @@
 //! window order after all threads are done.
 
 use crate::config::ModelConfig;
+use crate::data::tokens::Token;
 use crate::error::Result;
 use crate::model::{gpt::forward_with_layout, Activations, PackedWeights, ParamLayout};
 
@@ -15,31 +16,39 @@ pub const EVAL_BATCH: usize = 8;
 /// A loss measured over fixed windows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalResult {
-    /// Mean next-byte cross-entropy in nats.
+    /// Mean next-token cross-entropy in nats (next-byte for byte-level models).
     pub loss: f64,
     pub windows: usize,
-    /// Predicted bytes (`windows · T`).
+    /// Predicted tokens (`windows · T`).
     pub tokens: usize,
+    /// Bytes of text the predicted tokens stand for (`tokens` for byte-level models).
+    pub bytes: u64,
 }
 
 impl EvalResult {
-    /// The loss in bits per byte.
+    /// The loss in bits per byte of text: total nats / ln 2 / the bytes the predicted tokens
+    /// cover (for byte-level models, `loss / ln 2`), comparable across tokenizers.
     pub fn bits_per_byte(&self) -> f64 {
-        self.loss / std::f64::consts::LN_2
+        if self.bytes == self.tokens as u64 {
+            return self.loss / std::f64::consts::LN_2;
+        }
+        self.loss * self.tokens as f64 / std::f64::consts::LN_2 / self.bytes.max(1) as f64
     }
 }
 
-/// Mean next-byte cross-entropy of the model over consecutive non-overlapping windows of `t`
-/// bytes of `data` (window i: inputs `[i·t, i·t+t)`, targets shifted by one), at most
-/// `max_windows` of them.
+/// Mean next-token cross-entropy of the model over consecutive non-overlapping windows of `t`
+/// tokens of `data` (window i: inputs `[i·t, i·t+t)`, targets shifted by one), at most
+/// `max_windows` of them. `byte_lens` (indexed by id) gives the bytes of text each token stands
+/// for, for bits per byte; `None` is byte-level data (one byte a token).
 ///
 /// Windows go through the model [`EVAL_BATCH`] at a time, the batches spread over `threads`
 /// threads. Each batch's loss sum is kept apart and they are added in window order, so the
 /// result is the same bits at any thread count.
-pub fn evaluate(
+pub fn evaluate<T: Token>(
     config: &ModelConfig,
     params: &[f32],
-    data: &[u8],
+    data: &[T],
+    byte_lens: Option<&[u32]>,
     t: usize,
     max_windows: usize,
     threads: usize,
@@ -47,18 +56,29 @@ pub fn evaluate(
     if t == 0 || t > config.context {
         crate::bail!("evaluation window {t} must be between 1 and the model context {}", config.context);
     }
-    let windows: Vec<(&[u8], &[u8])> = crate::data::windows(data, t, max_windows).collect();
+    let windows: Vec<(&[T], &[T])> = crate::data::sampler::token_windows(data, t, max_windows).collect();
+    let unit = if byte_lens.is_some() { "tokens" } else { "bytes" };
     if windows.is_empty() {
         crate::bail!(
-            "{} bytes of data are shorter than one evaluation window ({} bytes: context {t} plus the next byte)",
+            "{} {unit} of data are shorter than one evaluation window ({} {unit}: context {t} plus the next one)",
             data.len(),
             t + 1
         );
     }
-    if config.vocab < 256 && data.iter().any(|&b| usize::from(b) >= config.vocab) {
-        crate::bail!("the data holds bytes outside the model's vocabulary of {}", config.vocab);
+    // Bytes are below 256: only a smaller vocabulary, or a tokenizer's ids, need the scan.
+    let scan = byte_lens.is_some() || config.vocab < 256;
+    if let Some(bad) = data.iter().map(|&b| b.id()).find(|&id| scan && id as usize >= config.vocab) {
+        crate::bail!("the data holds token {bad}, outside the model's vocabulary of {}", config.vocab);
     }
-    let batches: Vec<&[(&[u8], &[u8])]> = windows.chunks(EVAL_BATCH).collect();
+    let bytes = match byte_lens {
+        None => (windows.len() * t) as u64,
+        Some(lens) => windows
+            .iter()
+            .flat_map(|(_, y)| y.iter())
+            .map(|&id| lens.get(id.id() as usize).map_or(0, |&n| u64::from(n)))
+            .sum(),
+    };
+    let batches: Vec<&[(&[T], &[T])]> = windows.chunks(EVAL_BATCH).collect();
     let threads = threads.clamp(1, batches.len());
     let layout = ParamLayout::new(config);
     let mut sums = vec![0.0f64; batches.len()];
@@ -83,8 +103,8 @@ pub fn evaluate(
                     inputs.clear();
                     targets.clear();
                     for (x, y) in batch {
-                        inputs.extend(x.iter().map(|&b| u32::from(b)));
-                        targets.extend(y.iter().map(|&b| u32::from(b)));
+                        inputs.extend(x.iter().map(|&b| b.id()));
+                        targets.extend(y.iter().map(|&b| b.id()));
                     }
                     let b = batch.len();
                     let mean =
@@ -96,7 +116,7 @@ pub fn evaluate(
     });
     let tokens = windows.len() * t;
     let total: f64 = sums.iter().sum();
-    Ok(EvalResult { loss: total / tokens as f64, windows: windows.len(), tokens })
+    Ok(EvalResult { loss: total / tokens as f64, windows: windows.len(), tokens, bytes })
 }
 
 #[cfg(test)]
@@ -109,9 +129,28 @@ mod tests {
         let cfg = ModelConfig::tiny();
         let model = Model::new(cfg, 5);
         let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let one = evaluate(&cfg, &model.params, &data, 16, usize::MAX, 1).unwrap();
-        let three = evaluate(&cfg, &model.params, &data, 16, usize::MAX, 3).unwrap();
+        let one = evaluate(&cfg, &model.params, &data, None, 16, usize::MAX, 1).unwrap();
+        let three = evaluate(&cfg, &model.params, &data, None, 16, usize::MAX, 3).unwrap();
         assert_eq!(one, three);
         assert_eq!(one.windows, 999 / 16);
+        assert_eq!((one.bytes, one.bits_per_byte()), (one.tokens as u64, one.loss / std::f64::consts::LN_2));
+    }
+
+    /// A model whose token embedding is zero gives every token of a vocabulary of 512 the
+    /// probability 1/512: the loss is ln 512 nats a token, 9 bits. Ids 0..4 stand for 1, 2, 3
+    /// and 4 bytes; two windows of 4 predict ids 1 2 3 0 and 1 2 3 0, 2·(2+3+4+1) = 20 bytes,
+    /// so bits per byte = 8 tokens · 9 bits / 20 bytes = 3.6.
+    #[test]
+    fn bits_per_byte_divide_the_total_by_the_bytes_the_predicted_tokens_cover() {
+        let cfg = ModelConfig { vocab: 512, ..ModelConfig::tiny() };
+        let mut model = Model::new(cfg, 5);
+        let wte = model.layout.wte.clone();
+        model.params[wte].fill(0.0);
+        let data: Vec<u16> = vec![0, 1, 2, 3, 0, 1, 2, 3, 0, 7];
+        let lens = [1u32, 2, 3, 4, 0, 0, 0, 0];
+        let r = evaluate(&cfg, &model.params, &data, Some(&lens), 4, usize::MAX, 2).unwrap();
+        assert_eq!((r.windows, r.tokens, r.bytes), (2, 8, 20));
+        assert!((r.loss - 512f64.ln()).abs() < 1e-6, "{}", r.loss);
+        assert!((r.bits_per_byte() - 3.6).abs() < 1e-6, "{}", r.bits_per_byte());
     }
 }

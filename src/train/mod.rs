@@ -91,6 +91,11 @@ pub struct TrainerOptions {
     /// Floats per chunk of the parallel reduction, norm and optimizer. Fixes the summation
     /// order, so results depend on it (never on `threads`). Default 16 Ki.
     pub chunk_size: usize,
+    /// Dropout probability in [0, 1) on the attention probabilities and both residual
+    /// branches, training only; 0 (the default) is none. Its masks are keyed by
+    /// `dropout_seed`, the step and the micro-batch, so they do not depend on `threads`.
+    pub dropout: f32,
+    pub dropout_seed: u64,
 }
 
 impl Default for TrainerOptions {
@@ -106,6 +111,8 @@ impl Default for TrainerOptions {
             max_skipped_steps: 3,
             inject_nan: Vec::new(),
             chunk_size: DEFAULT_CHUNK,
+            dropout: 0.0,
+            dropout_seed: 0,
         }
     }
 }

@@ -84,6 +84,10 @@ pub struct RunOptions {
     /// Weight decay applies to the token and position embeddings too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub decay_embeddings: bool,
+    /// Training dropout (GPT-2's sites; [`crate::model::dropout`]). Absent from `state.json`
+    /// when 0, so runs without it record the same bytes as before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f32,
     pub val_fraction: f64,
     pub eval_every: u64,
     pub eval_windows: usize,
@@ -127,6 +131,7 @@ impl RunOptions {
             ("clip_norm", self.clip_norm >= 0.0 && self.clip_norm.is_finite()),
             ("weight_decay", self.weight_decay >= 0.0 && self.weight_decay.is_finite()),
             ("val_fraction", (0.0..1.0).contains(&self.val_fraction)),
+            ("dropout", (0.0..1.0).contains(&self.dropout)),
         ];
         match finite.iter().find(|(_, ok)| !ok) {
             Some((field, _)) => Err(format!("options.{field} is out of range")),
@@ -147,6 +152,8 @@ impl RunOptions {
             clip_norm: self.clip_norm,
             clip_mode: self.clip_mode,
             inject_nan,
+            dropout: self.dropout,
+            dropout_seed: self.seed,
             ..TrainerOptions::default()
         }
     }

@@ -25,11 +25,12 @@ use super::options::RunOptions;
 use super::progress::{Progress, Reporter, StepOutcome};
 use super::schedule::lr_at;
 use super::Trainer;
-use crate::checkpoint::{self, Checkpoint, DataRecord, TrainState};
+use crate::checkpoint::{self, Checkpoint, DataRecord, TokensRecord, TrainState};
 use crate::config::ModelConfig;
-use crate::data::{BatchSampler, Corpus};
+use crate::data::tokens::{Token, TokenSlice, Tokenized};
+use crate::data::{split_tokens, BatchSampler, Corpus};
 use crate::error::Result;
-use crate::generate::{generate, SampleOptions};
+use crate::generate::{generate_bytes, SampleOptions};
 use crate::model::Model;
 use crate::signals::StopRequest;
 
@@ -38,6 +39,9 @@ pub struct RunSpec {
     pub model_config: ModelConfig,
     pub options: RunOptions,
     pub corpus: Corpus,
+    /// With `--tokenizer`: the corpus's ids and the tokenizer (saved in every checkpoint);
+    /// `None`: byte-level, the corpus's bytes are the tokens.
+    pub tokens: Option<Tokenized>,
     /// Absolute path of the data file (`None`: the built-in corpus), recorded for resuming.
     pub data_path: Option<PathBuf>,
     /// The run directory receiving `step-NNNNNN` checkpoints (created if missing).
@@ -122,12 +126,58 @@ struct Tally {
     last_checkpoint: Option<PathBuf>,
 }
 
+impl RunSpec {
+    /// The tokens of the run: the corpus's bytes, or its ids with a tokenizer.
+    pub fn token_slice(&self) -> TokenSlice<'_> {
+        match &self.tokens {
+            None => TokenSlice::Bytes(&self.corpus.bytes),
+            Some(t) => t.ids.slice(),
+        }
+    }
+
+    /// (train, validation) token counts of the run's split.
+    pub fn split_lens(&self) -> Result<(usize, usize)> {
+        split_lens(&self.corpus, self.tokens.as_ref(), &self.options)
+    }
+
+    /// The bytes each id stands for (`None`: byte-level).
+    fn byte_lens(&self) -> Option<&[u32]> {
+        self.tokens.as_ref().map(|t| t.byte_lens.as_slice())
+    }
+
+    /// `opts.tokens` tokens of text after `prompt`, decoded to bytes with the run's tokenizer.
+    pub fn sample(&self, model: &Model, prompt: &[u8], opts: SampleOptions) -> Result<Vec<u8>> {
+        let table = self.tokens.as_ref().map(|t| t.tokenizer.token_bytes());
+        let tok = self.tokens.as_ref().map(|t| &t.tokenizer).zip(table.as_deref());
+        generate_bytes(model, tok, prompt, opts)
+    }
+}
+
+/// (train, validation) token counts of the split of `corpus`'s tokens (its bytes, or `tokens`)
+/// at the run's validation fraction and context; an error when a part cannot hold a window.
+pub fn split_lens(corpus: &Corpus, tokens: Option<&Tokenized>, o: &RunOptions) -> Result<(usize, usize)> {
+    let (slice, unit) = match tokens {
+        None => (TokenSlice::Bytes(&corpus.bytes), "bytes"),
+        Some(t) => (t.ids.slice(), "tokens"),
+    };
+    crate::with_tokens!(slice, d => split_tokens(d, o.val_fraction, o.context, unit)
+        .map(|(t, v)| (t.len(), v.len()))
+        .map_err(|e| e.context(&corpus.name)))
+}
+
 /// Trains according to `spec`, writing checkpoints, metrics and progress, until the total or
 /// until `stop` is requested (checked between steps).
 pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
+    crate::with_tokens!(spec.token_slice(), data => train_on(spec, stop, data))
+}
+
+/// [`train`] over the run's tokens `data` (bytes, or a tokenizer's ids).
+fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<RunSummary> {
     let started = Instant::now();
     let o = &spec.options;
-    let (train_data, val_data) = spec.corpus.split(o.val_fraction, o.context)?;
+    let unit = if spec.tokens.is_some() { "tokens" } else { "bytes" };
+    let (train_data, val_data) =
+        split_tokens(data, o.val_fraction, o.context, unit).map_err(|e| e.context(&spec.corpus.name))?;
     let saver = Saver { spec, data: data_record(spec, train_data.len(), val_data.len()) };
     let (mut trainer, mut sampler, start_step) = start(spec, train_data.len())?;
 
@@ -156,7 +206,15 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
         tally.last_loss = Some(report.loss);
         tally.skipped_updates += u64::from(report.update_skipped);
         let val = if !val_data.is_empty() && due(step, o.eval_every, o.steps) {
-            let r = evaluate(&spec.model_config, trainer.params(), val_data, o.context, o.eval_windows, o.threads)?;
+            let r = evaluate(
+                &spec.model_config,
+                trainer.params(),
+                val_data,
+                spec.byte_lens(),
+                o.context,
+                o.eval_windows,
+                o.threads,
+            )?;
             tally.last_val = Some(r.loss);
             Some(r)
         } else {
@@ -177,7 +235,7 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
         }
         if let Some(s) = spec.samples.as_ref().filter(|s| s.every > 0 && step.is_multiple_of(s.every)) {
             let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
-            reporter.sample(step, &generate(&model, &s.prompt, s.opts, |_| Ok(()))?)?;
+            reporter.sample(step, &spec.sample(&model, &s.prompt, s.opts)?)?;
         }
         last_step = step;
         if let Some(d) = step_delay {
@@ -203,7 +261,15 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
     let val = if val_data.is_empty() || interrupted.is_some() {
         None
     } else {
-        Some(evaluate(&spec.model_config, trainer.params(), val_data, o.context, usize::MAX, o.threads)?)
+        Some(evaluate(
+            &spec.model_config,
+            trainer.params(),
+            val_data,
+            spec.byte_lens(),
+            o.context,
+            usize::MAX,
+            o.threads,
+        )?)
     };
     Ok(RunSummary {
         interrupted,
@@ -223,14 +289,19 @@ pub fn train(spec: &RunSpec, stop: &StopRequest) -> Result<RunSummary> {
 /// The `best/` an earlier part of a resumed run left in its directory, with the periodic
 /// validation that chose it; `None` when there is none or it was measured on another number of
 /// windows (then this run's first validation starts a new `best/`).
-fn earlier_best(spec: &RunSpec, val_data: &[u8]) -> Option<(PathBuf, EvalResult)> {
+fn earlier_best<T: Token>(spec: &RunSpec, val_data: &[T]) -> Option<(PathBuf, EvalResult)> {
     let o = &spec.options;
     let (loss, eval_windows) = checkpoint::best_val_loss(&spec.out)?;
     if eval_windows != o.eval_windows {
         return None;
     }
-    let windows = crate::data::windows(val_data, o.context, o.eval_windows).count();
-    let val = EvalResult { loss: f64::from(loss), windows, tokens: windows * o.context };
+    let windows: Vec<_> = crate::data::sampler::token_windows(val_data, o.context, o.eval_windows).collect();
+    let bytes = match spec.byte_lens() {
+        None => (windows.len() * o.context) as u64,
+        Some(lens) => windows.iter().flat_map(|(_, y)| y.iter()).map(|&t| u64::from(lens[t.id() as usize])).sum(),
+    };
+    let n = windows.len();
+    let val = EvalResult { loss: f64::from(loss), windows: n, tokens: n * o.context, bytes };
     Some((spec.out.join(checkpoint::BEST_DIR), val))
 }
 
@@ -260,14 +331,29 @@ fn start(spec: &RunSpec, train_len: usize) -> Result<(Trainer, BatchSampler, u64
 
 /// What `state.json` records about the data of the run.
 fn data_record(spec: &RunSpec, train_len: usize, val_len: usize) -> DataRecord {
+    let bytes = spec.corpus.len() as u64;
+    let (train_bytes, val_bytes, tokens) = match &spec.tokens {
+        None => (train_len as u64, val_len as u64, None),
+        Some(t) => {
+            let train_bytes = t.bytes_of(t.ids.slice().prefix(train_len)).min(bytes);
+            let rec = TokensRecord {
+                tokenizer_sha256: t.tokenizer.sha256().to_string(),
+                tokens: t.ids.len() as u64,
+                train_tokens: train_len as u64,
+                val_tokens: val_len as u64,
+            };
+            (train_bytes, bytes - train_bytes, Some(rec))
+        }
+    };
     DataRecord {
         name: spec.corpus.name.clone(),
         path: spec.data_path.as_ref().map(|p| p.display().to_string()),
         format: spec.corpus.format,
         sha256: spec.corpus.hash.clone(),
-        bytes: spec.corpus.len() as u64,
-        train_bytes: train_len as u64,
-        val_bytes: val_len as u64,
+        bytes,
+        train_bytes,
+        val_bytes,
+        tokens,
     }
 }
 
@@ -294,10 +380,12 @@ impl Saver<'_> {
         let (m, v, adam_t) = trainer.adam_state();
         let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
         let state = self.state(step, adam_t, sampler, loss, val_loss);
+        let tokenizer = spec.tokens.as_ref().map(|t| &t.tokenizer);
+        let files = checkpoint::Files { model: &model, adam_m: m, adam_v: v, tokenizer };
         if best {
-            return checkpoint::save_best(&spec.out, state, &model, m, v);
+            return checkpoint::save_best(&spec.out, state, files);
         }
-        let dir = checkpoint::save(&spec.out, state, &model, m, v)?;
+        let dir = checkpoint::save(&spec.out, state, files)?;
         checkpoint::prune(&spec.out, spec.options.keep)?;
         Ok(dir)
     }

@@ -4,6 +4,9 @@ use super::engine::Engine;
 use super::rayon_engine::RayonEngine;
 use super::workload::GptWorkload;
 use super::{StepReport, Strategy, TrainerOptions};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::model::Model;
 use crate::sync::Std;
 use crate::{bail, Result};
@@ -34,6 +37,8 @@ pub struct Trainer {
     seq: usize,
     opts: TrainerOptions,
     inner: Inner,
+    /// The workload's step counter for dropout masks (see [`GptWorkload::with_dropout`]).
+    step: Arc<AtomicU64>,
 }
 
 impl Trainer {
@@ -43,13 +48,17 @@ impl Trainer {
         if seq == 0 || seq > model.config.context {
             bail!("sequence length must be between 1 and the model context {}, got {seq}", model.config.context);
         }
-        let workload = GptWorkload::new(model.config);
+        if !(0.0..1.0).contains(&opts.dropout) {
+            bail!("dropout must be in [0, 1), got {}", opts.dropout);
+        }
+        let step = Arc::new(AtomicU64::new(0));
+        let workload = GptWorkload::new(model.config).with_dropout(opts.dropout, opts.dropout_seed, Arc::clone(&step));
         let params = std::mem::take(&mut model.params);
         let inner = match opts.strategy {
             Strategy::Rayon => Inner::Rayon(Box::new(RayonEngine::new(workload, params, batch, seq, &opts)?)),
             _ => Inner::Spheres(Box::new(Engine::new(workload, params, batch, seq, &opts)?)),
         };
-        Ok(Trainer { model, model_stale: true, batch, seq, opts, inner })
+        Ok(Trainer { model, model_stale: true, batch, seq, opts, inner, step })
     }
 
     /// One step over `batch x seq` inputs/targets at learning rate `lr` (the caller owns the
@@ -68,6 +77,8 @@ impl Trainer {
             bail!("token {tok} is outside the vocabulary (size {vocab})");
         }
         self.model_stale = true;
+        // Before the engine publishes the step, which orders this store before the workers' reads.
+        self.step.store(self.step_count() + 1, Ordering::Relaxed);
         dispatch!(&mut self.inner, e => e.step_into(inputs, targets, lr, report))
     }
 

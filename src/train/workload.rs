@@ -9,7 +9,8 @@ use crate::config::ModelConfig;
 use crate::model::packed::SharedPacking;
 use crate::model::{self, Activations, PackedWeights};
 use crate::sync::{Backend, CellApi, ChunkedBuf, Std};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// The token batch of one step: `rows` sequences of `seq` tokens, row-major.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -97,19 +98,36 @@ pub struct GptWorkload {
     /// ([`Workload::weights_written`]) and shared by all workers; used when it matches the
     /// weights version of a call, else each worker packs for itself.
     shared_packing: SharedPacking,
+    /// Training dropout: probability (0: none) and run seed; the masks are keyed by them, the
+    /// step and the micro-batch ([`crate::model::dropout`]).
+    dropout: f32,
+    dropout_seed: u64,
+    /// The step being computed (from 1), stored by the [`super::Trainer`] before it publishes
+    /// the step (the engine's step synchronization orders the store before every read).
+    step: Arc<AtomicU64>,
 }
 
 impl GptWorkload {
     pub fn new(config: ModelConfig) -> Self {
         let layout = model::ParamLayout::new(&config);
-        GptWorkload { config, shared_packing: SharedPacking::new(&layout), layout }
+        let step = Arc::new(AtomicU64::new(0));
+        GptWorkload { config, shared_packing: SharedPacking::new(&layout), layout, dropout: 0.0, dropout_seed: 0, step }
+    }
+
+    /// With dropout `p` (0: none) keyed by `seed`, the step in `step` and the micro-batch.
+    pub fn with_dropout(mut self, p: f32, seed: u64, step: Arc<AtomicU64>) -> Self {
+        self.dropout = p;
+        self.dropout_seed = seed;
+        self.step = step;
+        self
     }
 }
 
 impl Clone for GptWorkload {
-    /// A workload of the same config with a packing of its own (valid for no version yet).
+    /// A workload of the same config and dropout with a packing of its own (valid for no
+    /// version yet).
     fn clone(&self) -> Self {
-        GptWorkload::new(self.config)
+        GptWorkload::new(self.config).with_dropout(self.dropout, self.dropout_seed, Arc::clone(&self.step))
     }
 }
 
@@ -166,7 +184,9 @@ impl Workload for GptWorkload {
             }
         };
         let acts = &mut scratch.acts;
-        let loss = model::gpt::forward_with_layout(
+        let step = self.step.load(Ordering::Relaxed);
+        let dropout = model::dropout::Dropout::new(self.dropout, self.dropout_seed, step, mb);
+        let loss = model::gpt::forward_dropout(
             &self.layout,
             weights,
             Some(packed),
@@ -175,6 +195,7 @@ impl Workload for GptWorkload {
             Some(targets),
             rows,
             batch.seq,
+            dropout,
         );
         model::gpt::backward_with_layout(&self.layout, weights, Some(packed), acts, grad);
         loss

@@ -9,7 +9,7 @@ use super::super::generate::{DEFAULT_TEMPERATURE, DEFAULT_TOP_K};
 use super::super::{write_stdout, CliResult, Failure};
 use super::{Plan, TrainArgs, DEFAULT_SAMPLE_EVERY, SAMPLE_BYTES};
 use crate::checkpoint;
-use crate::generate::{generate, SampleOptions};
+use crate::generate::SampleOptions;
 use crate::signals;
 use crate::train::progress::val_text;
 use crate::train::run::{RunSpec, RunSummary};
@@ -66,7 +66,7 @@ pub(super) fn print_plan(plan: &Plan, json: bool) -> CliResult {
 /// `--dry-run --json`: one object with every setting the run would use.
 fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
     let o = &s.options;
-    let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
+    let (train, val) = s.split_lens()?;
     Ok(serde_json::json!({
         "config": o.config_name,
         "model": s.model_config,
@@ -87,12 +87,17 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
         "clip_mode": o.clip_mode,
         "weight_decay": o.weight_decay,
         "decay_embeddings": o.decay_embeddings,
+        "dropout": o.dropout,
         "seed": o.seed,
         "data": s.corpus.name,
         "data_format": s.corpus.format,
         "data_bytes": s.corpus.len(),
-        "train_bytes": train.len(),
-        "val_bytes": val.len(),
+        "train_bytes": if s.tokens.is_none() { Some(train) } else { None },
+        "val_bytes": if s.tokens.is_none() { Some(val) } else { None },
+        "tokenizer": s.tokens.as_ref().map(|t| t.tokenizer.sha256()),
+        "tokens": s.tokens.as_ref().map(|t| t.ids.len()),
+        "train_tokens": train,
+        "val_tokens": val,
         "val_fraction": o.val_fraction,
         "eval_every": o.eval_every,
         "eval_windows": o.eval_windows,
@@ -107,7 +112,7 @@ fn plan_json(s: &RunSpec) -> CliResult<serde_json::Value> {
 /// `--dry-run`: the plan for a person.
 fn plan_text(s: &RunSpec) -> CliResult<String> {
     let o = &s.options;
-    let (train, val) = s.corpus.split(o.val_fraction, o.context)?;
+    let (train, val) = s.split_lens()?;
     let c = &s.model_config;
     let start = s.resume.as_ref().map(|c| c.state.step).unwrap_or(0);
     let mut text = String::new();
@@ -121,14 +126,24 @@ fn plan_text(s: &RunSpec) -> CliResult<String> {
         c.context,
         c.num_params()
     ));
-    text.push_str(&format!(
-        "data      {} ({}), {} bytes: {} train, {} validation\n",
-        s.corpus.name,
-        s.corpus.format,
-        s.corpus.len(),
-        train.len(),
-        val.len()
-    ));
+    match &s.tokens {
+        None => text.push_str(&format!(
+            "data      {} ({}), {} bytes: {train} train, {val} validation\n",
+            s.corpus.name,
+            s.corpus.format,
+            s.corpus.len(),
+        )),
+        Some(t) => text.push_str(&format!(
+            "data      {} ({}), {} bytes, {} tokens (tokenizer sha256 {}, vocabulary {}): {train} train, {val} \
+             validation\n",
+            s.corpus.name,
+            s.corpus.format,
+            s.corpus.len(),
+            t.ids.len(),
+            t.tokenizer.sha256(),
+            t.tokenizer.vocab_size()
+        )),
+    }
     text.push_str(&format!(
         "batch     {} x {} = {} tokens/step, {} spheres, {} threads, strategy {}\n",
         o.batch,
@@ -231,8 +246,9 @@ pub(super) fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> 
     }
     let opts =
         SampleOptions { tokens: SAMPLE_BYTES, temperature: DEFAULT_TEMPERATURE, top_k: DEFAULT_TOP_K, seed: o.seed };
+    let unit = if plan.spec.tokens.is_some() { "tokens" } else { "bytes" };
     text.push_str(&format!(
-        "sample ({SAMPLE_BYTES} bytes, temperature {}, seed {}; more with: {} generate --checkpoint {} --prompt TEXT):\n",
+        "sample ({SAMPLE_BYTES} {unit}, temperature {}, seed {}; more with: {} generate --checkpoint {} --prompt TEXT):\n",
         opts.temperature,
         opts.seed,
         shell_word(&program_name()),
@@ -240,7 +256,7 @@ pub(super) fn print_summary(plan: &Plan, sum: &RunSummary, args: &TrainArgs) -> 
     ));
     write_stdout(text.as_bytes())?;
     let prompt = b"\n";
-    let sample = generate(&sum.model, prompt, opts, |_| Ok(()))?;
+    let sample = plan.spec.sample(&sum.model, prompt, opts)?;
     let mut bytes = sample;
     bytes.push(b'\n');
     write_stdout(&bytes)
