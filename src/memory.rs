@@ -18,7 +18,6 @@
 
 use crate::config::ModelConfig;
 use crate::model::{Activations, PackedWeights};
-use crate::train::eval::EVAL_BATCH;
 use crate::train::Strategy;
 use crate::{err, Result};
 use serde::Serialize;
@@ -123,7 +122,7 @@ impl MemoryPlan {
         // the weights for itself (`Engine::derive_from_weights`).
         let packings = packing;
         let (evaluation, checkpoint) = if shape.saves {
-            let eval_acts = Activations::planned_bytes(config, EVAL_BATCH, shape.context)
+            let eval_acts = Activations::planned_bytes(config, 1, shape.context)
                 .ok_or_else(|| err!("memory plan: the size of the evaluation activations overflows"))?;
             let eval_threads = shape.threads as u64;
             // Model copy, its bytes, the serialized model; both moments as bytes, serialized.
