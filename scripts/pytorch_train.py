@@ -10,6 +10,7 @@ torch.mm GEMM peak (2048x2048, same thread count) measured in the same process.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from reference import GPT, Config  # noqa: E402
 
-CONFIGS = {"tiny": Config.tiny(), "small": Config.small(), "seed": Config.seed()}
+CONFIGS = {
+    "tiny": Config.tiny(),
+    "small": Config.small(),
+    "seed": Config.seed(),
+    "gpt2": Config(vocab=50257, layers=12, heads=12, embed=768, context=1024),
+}
 
 
 def sdpa_attention(self, x, i):
@@ -66,11 +72,14 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--plain-attention", action="store_true")
+    ap.add_argument("--context", type=int, default=0, help="training length (default: the config's)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = CONFIGS[args.config]
+    if args.context:
+        cfg = dataclasses.replace(cfg, context=args.context)
     if not args.plain_attention:
         GPT.attention = sdpa_attention
     model = GPT(cfg)
