@@ -1,0 +1,276 @@
+//! The exchange of a distributed step ([`crate::dist`]), run by each rank's coordinator
+//! (worker 0) between "computed" and "reduced", while its other workers wait at "reduced".
+//!
+//! 1. Results: every rank all-gathers the results (loss, scan, clip factor) of the
+//!    micro-batches it computed, so every rank holds all S results and derives the same valid
+//!    set, the same [`tree::Program`] and the same skip decision.
+//! 2. Gradients: chunk `c` of the sum is owned by one rank ([`owned_chunks`], contiguous).
+//!    One `alltoallv` sends every rank's present blocks' slices of each chunk to its owner
+//!    (rank order, then owned chunk order, then block order); the owner folds them into that
+//!    chunk of `sum` with the program, in tree order: the additions of a single process.
+//! 3. An `allgatherv` of the owned ranges gives every rank the whole sum; each rank takes the
+//!    chunk norms itself, in chunk order, as the local reduction does.
+//!
+//! Every rank calls the same collectives in the same order (the valid set decides whether
+//! steps 2 and 3 run, and it is the same everywhere), so none waits for a call that never comes.
+
+use super::engine::Local;
+use super::protocol::{Shared, SlotResult};
+use super::timing::{Clock, WorkerTiming};
+use super::tree::{self, Plan};
+use super::workload::Workload;
+use crate::dist::{owned_chunks, Comm};
+use crate::grad::{self, MAX_BAD};
+use crate::sync::{Backend, CellApi, MutexApi};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// u64 words per micro-batch result: flags, loss, factor, squared norm, bad count, and the
+/// first bad entries as (index, value).
+const RECORD: usize = 5 + 2 * MAX_BAD;
+
+/// A rank's side of the exchange.
+pub(crate) struct Dist<B: Backend> {
+    pub comm: Arc<dyn Comm>,
+    rank: usize,
+    ranks: usize,
+    /// The rank that computes each micro-batch, and that holds each block of the plan.
+    micro_rank: Vec<usize>,
+    block_rank: Vec<usize>,
+    /// This rank's micro-batches.
+    mine: Range<usize>,
+    scratch: B::Mutex<Scratch>,
+}
+
+/// The coordinator's buffers, grown on the first steps and reused.
+#[derive(Default)]
+struct Scratch {
+    records: Vec<u64>,
+    gathered: Vec<u64>,
+    send: Vec<f32>,
+    recv: Vec<f32>,
+    send_counts: Vec<usize>,
+    recv_counts: Vec<usize>,
+    /// Where the floats from each rank start in `recv`.
+    recv_at: Vec<usize>,
+    /// How many present blocks each rank holds, and each block's place among its rank's.
+    present: Vec<usize>,
+    slot: Vec<usize>,
+    /// This rank's owned range of the sum, as sent to the allgatherv, and every rank's length.
+    mine: Vec<f32>,
+    gather_counts: Vec<usize>,
+}
+
+impl<B: Backend> Dist<B> {
+    /// The exchange of rank `comm.rank()` of `comm.size()`, each running `threads` workers of
+    /// `plan` over `spheres` micro-batches.
+    pub fn new(comm: Arc<dyn Comm>, threads: usize, plan: &Plan, spheres: usize) -> Self {
+        let (rank, ranks) = (comm.rank(), comm.size());
+        let workers = ranks * threads;
+        let mut micro_rank = vec![0; spheres];
+        let mut block_rank = vec![0; plan.blocks.len()];
+        for g in 0..workers {
+            for m in tree::worker_range(spheres, workers, g) {
+                micro_rank[m] = g / threads;
+            }
+            if let (Some(&lo), Some(&hi)) = (plan.first_block.get(g), plan.first_block.get(g + 1)) {
+                block_rank[lo..hi].iter_mut().for_each(|r| *r = g / threads);
+            }
+        }
+        let lo = tree::worker_range(spheres, workers, rank * threads).start;
+        let hi = tree::worker_range(spheres, workers, rank * threads + threads - 1).end;
+        Dist { comm, rank, ranks, micro_rank, block_rank, mine: lo..hi, scratch: B::Mutex::new(Scratch::default()) }
+    }
+}
+
+/// Writes `r` as a record.
+fn encode(r: &SlotResult, out: &mut [u64]) {
+    out[0] = u64::from(r.panic.is_some());
+    out[1] = u64::from(r.loss.to_bits());
+    out[2] = u64::from(r.factor.to_bits());
+    out[3] = r.scan.sqnorm.to_bits();
+    out[4] = r.scan.bad as u64;
+    for (i, &(at, v)) in r.scan.first_bad.iter().enumerate() {
+        out[5 + 2 * i] = at as u64;
+        out[6 + 2 * i] = u64::from(v.to_bits());
+    }
+}
+
+/// Reads the record of a micro-batch computed by rank `q` into `r`.
+fn decode(rec: &[u64], q: usize, r: &mut SlotResult) {
+    r.panic = (rec[0] != 0).then(|| format!("(on rank {q}, which reports it)"));
+    r.loss = f32::from_bits(rec[1] as u32);
+    r.factor = f32::from_bits(rec[2] as u32);
+    r.scan.sqnorm = f64::from_bits(rec[3]);
+    r.scan.bad = rec[4] as usize;
+    for (i, e) in r.scan.first_bad.iter_mut().enumerate() {
+        *e = (rec[5 + 2 * i] as usize, f32::from_bits(rec[6 + 2 * i] as u32));
+    }
+}
+
+impl<B: Backend, W: Workload> Shared<B, W> {
+    /// The floats of `sum` that rank `q` owns.
+    fn owned_floats(&self, ranks: usize, q: usize) -> Range<usize> {
+        let c = owned_chunks(self.sum.num_chunks(), ranks, q);
+        if c.is_empty() {
+            return 0..0;
+        }
+        self.sum.chunk_range(c.start).start..self.sum.chunk_range(c.end - 1).end
+    }
+
+    /// The exchange (module doc): on worker 0 only, between "computed" and "reduced".
+    pub(super) fn exchange(&self, d: &Dist<B>, local: &mut Local<W>, tm: &mut WorkerTiming) {
+        let clock = Clock::<B>::start();
+        d.scratch.with(|s| self.exchange_in(d, s, local, tm));
+        tm.exchange = clock.elapsed();
+    }
+
+    fn exchange_in(&self, d: &Dist<B>, s: &mut Scratch, local: &mut Local<W>, tm: &mut WorkerTiming) {
+        let (spheres, ranks, comm) = (self.spheres, d.ranks, &*d.comm);
+        // 1. Results.
+        s.records.clear();
+        s.records.resize(spheres * RECORD, 0);
+        for m in d.mine.clone() {
+            // SAFETY: this rank's results were written in the compute phase, before "computed".
+            unsafe { self.results[m].with(|r| encode(r, &mut s.records[m * RECORD..(m + 1) * RECORD])) };
+        }
+        s.gathered.resize(ranks * spheres * RECORD, 0);
+        comm.all_gather_u64(&s.records, &mut s.gathered);
+        let mut bytes = (ranks - 1) * spheres * RECORD * 8;
+        for m in (0..spheres).filter(|m| !d.mine.contains(m)) {
+            let q = d.micro_rank[m];
+            let rec = &s.gathered[(q * spheres + m) * RECORD..(q * spheres + m + 1) * RECORD];
+            // SAFETY: another rank's micro-batch: no worker of this rank writes its result, and
+            // they read the results only after "reduced".
+            unsafe { self.results[m].with_mut(|r| decode(rec, q, r)) };
+        }
+        let (_, apply) = self.collect_valid(&mut local.valid);
+        if apply {
+            self.build_program(&mut local.tree, &local.valid);
+            bytes += self.exchange_gradients(d, s, local);
+        }
+        tm.exchange_bytes = bytes as u64;
+    }
+
+    /// Steps 2 and 3 of the module doc; returns the bytes sent to other ranks.
+    fn exchange_gradients(&self, d: &Dist<B>, s: &mut Scratch, local: &mut Local<W>) -> usize {
+        let (ranks, me, comm) = (d.ranks, d.rank, &*d.comm);
+        let t = &mut local.tree;
+        let n_blocks = self.plan.blocks.len();
+        s.present.clear();
+        s.present.resize(ranks, 0);
+        s.slot.resize(n_blocks, 0);
+        for i in (0..n_blocks).filter(|&i| t.valid_in_block[i] > 0) {
+            let q = d.block_rank[i];
+            s.slot[i] = s.present[q];
+            s.present[q] += 1;
+        }
+        // Every rank's owned chunks, from this rank's present blocks (itself included).
+        s.send.clear();
+        s.send_counts.clear();
+        for q in 0..ranks {
+            let before = s.send.len();
+            for c in owned_chunks(self.sum.num_chunks(), ranks, q) {
+                let r = self.sum.chunk_range(c);
+                for i in (0..n_blocks).filter(|&i| d.block_rank[i] == me && t.valid_in_block[i] > 0) {
+                    // SAFETY: this rank's blocks are final after "computed" and only read
+                    // until "reduced"; the next write comes after the next "start".
+                    unsafe { self.buf(self.plan.block_buf[i]).with(|g| s.send.extend_from_slice(&g[r.clone()])) };
+                }
+            }
+            s.send_counts.push(s.send.len() - before);
+        }
+        let own = self.owned_floats(ranks, me);
+        s.recv_counts.clear();
+        s.recv_at.clear();
+        let mut at = 0;
+        for p in 0..ranks {
+            s.recv_at.push(at);
+            s.recv_counts.push(own.len() * s.present[p]);
+            at += own.len() * s.present[p];
+        }
+        s.recv.resize(at, 0.0);
+        comm.all_to_all_v(&s.send, &s.send_counts, &mut s.recv, &s.recv_counts);
+        // The top of the tree over this rank's chunks, in tree order.
+        let (program, tmp) = (&t.program, &mut t.tmp);
+        for c in owned_chunks(self.sum.num_chunks(), ranks, me) {
+            let r = self.sum.chunk_range(c);
+            let off = r.start - own.start;
+            let (recv, recv_at, present, slot, block_rank) = (&s.recv, &s.recv_at, &s.present, &s.slot, &d.block_rank);
+            let src = |i: usize, f: &mut dyn FnMut(&[f32])| {
+                let p = block_rank[i];
+                let at = recv_at[p] + off * present[p] + slot[i] * r.len();
+                f(&recv[at..at + r.len()])
+            };
+            // SAFETY: only this thread touches `sum` between "computed" and "reduced".
+            unsafe { self.sum.write_chunk(c, |dst| program.fold(dst, tmp, src)) };
+        }
+        // Every rank's owned range, gathered into the whole sum.
+        s.mine.clear();
+        // SAFETY: as above.
+        unsafe { self.sum.read_all(|g| s.mine.extend_from_slice(&g[own.clone()])) };
+        s.gather_counts.clear();
+        s.gather_counts.extend((0..ranks).map(|q| self.owned_floats(ranks, q).len()));
+        // SAFETY: as above.
+        unsafe { self.sum.write_all(|g| comm.all_gather_v(&s.mine, g, &s.gather_counts)) };
+        for c in 0..self.sum.num_chunks() {
+            // SAFETY: as above; the chunk norms are read after "reduced".
+            let sq = unsafe { self.sum.read_chunk(c, grad::sqnorm) };
+            // SAFETY: written only here, by the coordinator, before "reduced".
+            unsafe { self.partials[c].with_mut(|x| *x = sq) };
+        }
+        let sent = s.send.len() - s.send_counts[me] + (ranks - 1) * own.len();
+        sent * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::ModelConfig;
+    use crate::dist::threads::run_ranks;
+    use crate::model::Model;
+    use crate::train::{ClipMode, Trainer, TrainerOptions};
+
+    /// Trains `steps` steps of the tiny model on `ranks` thread-ranks of `threads` threads;
+    /// returns every rank's final weights and losses.
+    fn train(ranks: usize, threads: usize, opts: &TrainerOptions, steps: u64) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let config = ModelConfig::preset("tiny").expect("tiny preset");
+        let (batch, seq) = (8, 16);
+        run_ranks(ranks, |comm| {
+            let opts = TrainerOptions { threads, ..opts.clone() };
+            let mut t = Trainer::new_distributed(Model::new(config, 3), batch, seq, opts, comm).expect("trainer");
+            let mut losses = Vec::new();
+            for step in 0..steps {
+                let tok = |i: usize| ((i as u64 * 31 + step * 7) % config.vocab as u64) as u32;
+                let inputs: Vec<u32> = (0..batch * seq).map(tok).collect();
+                let targets: Vec<u32> = (1..=batch * seq).map(tok).collect();
+                losses.push(t.step(&inputs, &targets, 1e-3).expect("step").loss);
+            }
+            (t.params().to_vec(), losses)
+        })
+    }
+
+    #[test]
+    fn ranks_times_threads_give_the_single_process_bits() {
+        let base = TrainerOptions { spheres: 8, chunk_size: 1000, clip_norm: 0.5, inject_nan: vec![(2, 5)], ..TrainerOptions::default() };
+        for opts in [base.clone(), TrainerOptions { clip_mode: ClipMode::PerSphere, ..base }] {
+            let want = train(1, 1, &opts, 3).remove(0);
+            for (ranks, threads) in [(2, 1), (3, 1), (2, 2), (4, 1), (3, 2)] {
+                for (r, got) in train(ranks, threads, &opts, 3).into_iter().enumerate() {
+                    let same = got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{ranks} ranks x {threads} threads: rank {r}'s weights differ ({:?})", opts.clip_mode);
+                    assert_eq!(got.1, want.1, "{ranks} x {threads}: rank {r}'s losses");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_with_no_valid_micro_batch_is_skipped_on_every_rank() {
+        let opts = TrainerOptions { spheres: 2, inject_nan: vec![(1, 0), (1, 1)], ..TrainerOptions::default() };
+        let want = train(1, 1, &opts, 2).remove(0);
+        for got in train(2, 1, &opts, 2) {
+            assert_eq!(got.0, want.0);
+        }
+    }
+}
