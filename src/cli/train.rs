@@ -22,7 +22,9 @@ use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SH
 use crate::generate::SampleOptions;
 use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
+use crate::dist::{Comm, Distributed, BUILD_WITH_MPI, DEFAULT_CHECK_EVERY};
 use crate::signals::StopRequest;
+use std::sync::Arc;
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
     DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_EVAL_WINDOWS, MAX_STEPS,
@@ -140,6 +142,17 @@ pub struct TrainArgs {
     ))]
     pub strategy: Option<Strategy>,
 
+    #[arg(long, value_name = "BACKEND", value_enum, help_heading = "Parallelism", help = format!(
+        "Run as one rank of a multi-process run: `mpirun -np R cllm train --distributed mpi ...` (needs a cllm \
+         built with `{BUILD_WITH_MPI}`; see docs/distributed.md). The weights are those of one process."
+    ))]
+    pub distributed: Option<Distributed>,
+    #[arg(long, value_name = "N", help_heading = "Parallelism", help = format!(
+        "With --distributed: the ranks compare a hash of their weights every N steps, and at the start and the \
+         end (0: only then); {DEFAULT_CHECK_EVERY} when not given."
+    ))]
+    pub check_every: Option<u64>,
+
     #[arg(long, value_name = "DIR", help_heading = "Checkpoints", help = format!(
         "Run directory receiving step-NNNNNN checkpoints. [default: a new {RUNS_DIR}/run-NNN, or the resumed \
          run's directory]"
@@ -207,12 +220,40 @@ struct Plan {
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
-    let plan = resolve(&args)?;
+    let Some(kind) = args.distributed else { return run_as(&args, None) };
+    if args.strategy.is_some_and(|s| s != Strategy::Segmented) {
+        usage!("--distributed needs --strategy segmented (the strategy whose sum order is fixed)");
+    }
+    let comm = crate::dist::init(kind).map_err(|e| Failure::usage(e.0))?;
+    match run_as(&args, Some(Arc::clone(&comm))) {
+        // An error on one rank ends them all (MPI_Abort), so none waits for it in a collective.
+        // A plain exit status (an interrupted run) is reached by every rank alike.
+        Err(f) if !f.message.is_empty() && comm.size() > 1 => {
+            super::print_error(&format!("rank {}: {}", comm.rank(), f.message));
+            comm.abort(i32::from(f.code))
+        }
+        other => other,
+    }
+}
+
+/// `cllm train`, alone or as one rank of `dist`.
+fn run_as(args: &TrainArgs, dist: Option<Arc<dyn Comm>>) -> CliResult {
+    let mut plan = resolve(args)?;
+    plan.spec.dist = dist;
+    let writes = plan.spec.writes();
     if args.dry_run {
-        return report::print_plan(&plan, args.json);
+        return if writes { report::print_plan(&plan, args.json) } else { Ok(()) };
     }
     // Before anything is written: a signal from here on is a stop request, never a kill.
     let stop = StopRequest::install()?;
+    if !writes {
+        // Rank 0 owns the run directory; the others only train.
+        let summary = runner::train(&plan.spec, &stop)?;
+        return match summary.interrupted {
+            Some(sig) => Err(Failure::silent(crate::signals::exit_code(sig) as u8)),
+            None => Ok(()),
+        };
+    }
     if plan.out_is_new {
         std::fs::create_dir_all(&plan.spec.out)
             .map_err(|e| crate::err!("cannot create {}: {e}", plan.spec.out.display()))?;
@@ -224,8 +265,8 @@ pub fn run(args: TrainArgs) -> CliResult {
     checkpoint::probe_writable(&plan.spec.out)?;
     let summary = runner::train(&plan.spec, &stop)?;
     match summary.interrupted {
-        Some(sig) => report::report_interrupt(&plan, &summary, sig, &args),
-        None => report::print_summary(&plan, &summary, &args),
+        Some(sig) => report::report_interrupt(&plan, &summary, sig, args),
+        None => report::print_summary(&plan, &summary, args),
     }
 }
 
@@ -281,6 +322,8 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         command_line: std::env::args().collect(),
         samples,
         save_on_interrupt: !args.no_save_on_interrupt,
+        dist: None,
+        check_every: args.check_every.unwrap_or(DEFAULT_CHECK_EVERY),
     };
     Ok(Plan { spec, memory, out_is_new })
 }
