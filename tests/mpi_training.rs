@@ -176,3 +176,22 @@ fn a_killed_rank_ends_the_others_instead_of_hanging_them() {
     };
     assert!(!status.success(), "mpirun must report the failure");
 }
+
+#[test]
+fn bench_reports_every_rank_s_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench");
+    let args = ["bench", "--distributed", "mpi", "--config", "tiny", "--threads", "1", "--steps", "2", "--warmup", "1"];
+    let o = mpirun(2, &[&args[..], &["--quiet", "--out", s(&out)]].concat()).output().unwrap();
+    assert_run_ok(&o);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distributed.json")).unwrap()).unwrap();
+    assert_eq!(report["ranks"], 2);
+    let ranks = report["cells"][0]["ranks"].as_array().expect("per-rank figures");
+    assert_eq!(ranks.len(), 2);
+    for r in ranks {
+        for key in ["median_step_ms", "compute_ms", "exchange_ms", "exchange_bytes"] {
+            assert!(r[key].as_f64().is_some_and(|x| x > 0.0), "{key} of {r}");
+        }
+    }
+}
