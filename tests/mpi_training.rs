@@ -29,8 +29,7 @@ fn mpirun(ranks: usize, args: &[&str]) -> Command {
 
 /// The flags of the runs compared here, `--out out` and `extra` added.
 fn train_args<'a>(config: &'a str, steps: &'a str, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args =
-        vec!["train", "--config", config, "--steps", steps, "--seed", "7", "--val-fraction", "0", "--quiet"];
+    let mut args = vec!["train", "--config", config, "--steps", steps, "--seed", "7", "--val-fraction", "0", "--quiet"];
     args.extend_from_slice(&["--out", s(out)]);
     args.extend_from_slice(extra);
     args
@@ -47,7 +46,13 @@ fn hashes(out: &Path, step: u32) -> (String, String) {
 }
 
 fn assert_run_ok(out: &Output) {
-    assert!(out.status.success(), "mpirun failed ({:?}): {}{}", out.status.code(), text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mpirun failed ({:?}): {}{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 fn same_bits_at_every_rank_count(config: &str) {
@@ -107,7 +112,8 @@ fn a_diverged_rank_is_named_and_every_rank_stops() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let bin = env!("CARGO_BIN_EXE_cllm");
-    let common = ["train", "--config", "tiny", "--steps", "5", "--val-fraction", "0", "--quiet", "--distributed", "mpi"];
+    let common =
+        ["train", "--config", "tiny", "--steps", "5", "--val-fraction", "0", "--quiet", "--distributed", "mpi"];
     // MPMD: rank 0 and rank 1 get different seeds, so different initial weights.
     let o = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "1", bin])

@@ -19,12 +19,11 @@ use super::{default_threads, usage, CliResult, Failure};
 use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
+use crate::dist::{Comm, Distributed, BUILD_WITH_MPI, DEFAULT_CHECK_EVERY};
 use crate::generate::SampleOptions;
 use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
-use crate::dist::{Comm, Distributed, BUILD_WITH_MPI, DEFAULT_CHECK_EVERY};
 use crate::signals::StopRequest;
-use std::sync::Arc;
 use crate::train::options::{
     RunOptions, DEFAULT_CLIP_NORM, DEFAULT_CONFIG, DEFAULT_EVAL_EVERY, DEFAULT_EVAL_WINDOWS, DEFAULT_KEEP, DEFAULT_LR,
     DEFAULT_SAVE_EVERY, DEFAULT_SEED, DEFAULT_STEPS, MAX_BATCH, MAX_DEFAULT_SPHERES, MAX_EVAL_WINDOWS, MAX_STEPS,
@@ -34,6 +33,7 @@ use crate::train::progress::Progress;
 use crate::train::run::{self as runner, RunSpec, SampleSpec};
 use crate::train::schedule::{default_warmup, DEFAULT_WARMUP_DIVISOR, MAX_DEFAULT_WARMUP, MIN_LR_RATIO};
 use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
+use std::sync::Arc;
 
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;

@@ -60,7 +60,11 @@ impl Comm for ThreadComm {
             let counts = &v[..r];
             let off: u64 = r as u64 + counts[..self.rank].iter().sum::<u64>();
             let n = counts[self.rank] as usize;
-            assert_eq!(n, recv_counts[p], "rank {p} sends {n} floats to rank {}, expected {}", self.rank, recv_counts[p]);
+            assert_eq!(
+                n, recv_counts[p],
+                "rank {p} sends {n} floats to rank {}, expected {}",
+                self.rank, recv_counts[p]
+            );
             for (d, s) in recv[at..at + n].iter_mut().zip(&v[off as usize..]) {
                 *d = f32::from_bits(*s as u32);
             }

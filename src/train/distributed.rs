@@ -252,13 +252,23 @@ mod tests {
 
     #[test]
     fn ranks_times_threads_give_the_single_process_bits() {
-        let base = TrainerOptions { spheres: 8, chunk_size: 1000, clip_norm: 0.5, inject_nan: vec![(2, 5)], ..TrainerOptions::default() };
+        let base = TrainerOptions {
+            spheres: 8,
+            chunk_size: 1000,
+            clip_norm: 0.5,
+            inject_nan: vec![(2, 5)],
+            ..TrainerOptions::default()
+        };
         for opts in [base.clone(), TrainerOptions { clip_mode: ClipMode::PerSphere, ..base }] {
             let want = train(1, 1, &opts, 3).remove(0);
             for (ranks, threads) in [(2, 1), (3, 1), (2, 2), (4, 1), (3, 2)] {
                 for (r, got) in train(ranks, threads, &opts, 3).into_iter().enumerate() {
                     let same = got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{ranks} ranks x {threads} threads: rank {r}'s weights differ ({:?})", opts.clip_mode);
+                    assert!(
+                        same,
+                        "{ranks} ranks x {threads} threads: rank {r}'s weights differ ({:?})",
+                        opts.clip_mode
+                    );
                     assert_eq!(got.1, want.1, "{ranks} x {threads}: rank {r}'s losses");
                 }
             }

@@ -9,6 +9,7 @@
 //! waiting on it.
 
 use super::barrier::Barrier;
+use super::distributed::Dist;
 use super::fault::Fault;
 use super::lock_strategies::ModelSlot;
 use super::protocol::{Control, Shared, SlotResult};
@@ -19,11 +20,10 @@ use super::timing::{Clock, WorkerTiming};
 use super::tree::Plan;
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
+use crate::dist::Comm;
 use crate::optim::DecayMask;
 use crate::sync::{AtomicUsizeApi, Backend, CellApi, ChunkedBuf, MutexApi};
 use crate::{bail, Error, Result};
-use super::distributed::Dist;
-use crate::dist::Comm;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -220,7 +220,10 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         comm: Arc<dyn Comm>,
     ) -> Result<Self> {
         if opts.strategy != Strategy::Segmented {
-            bail!("a distributed run needs the segmented strategy (the one whose sum order is fixed), not {}", opts.strategy);
+            bail!(
+                "a distributed run needs the segmented strategy (the one whose sum order is fixed), not {}",
+                opts.strategy
+            );
         }
         let p = workload.num_params();
         let blocks = Plan::new(resolve_spheres(opts.spheres, rows), comm.size() * opts.threads).blocks.len();

@@ -34,11 +34,11 @@ use super::Trainer;
 use crate::checkpoint::{self, Checkpoint, DataRecord, TrainState};
 use crate::config::ModelConfig;
 use crate::data::{BatchSampler, Corpus};
+use crate::dist::{check_weights, Comm};
 use crate::error::Result;
 use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
 use crate::signals::StopRequest;
-use crate::dist::{check_weights, Comm};
 use std::sync::Arc;
 
 /// Everything one run needs, resolved and validated by the caller.
