@@ -152,35 +152,54 @@ fn rank_of(pid: u32) -> Option<usize> {
     std::str::from_utf8(var).ok()?.parse().ok()
 }
 
-#[test]
-fn a_killed_rank_ends_the_others_instead_of_hanging_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let metrics = dir.path().join("metrics.jsonl");
+/// Starts a long 2-rank tiny run with metrics into `dir`, waits until rank 0 has reported a step,
+/// sends `signal` to rank 1 and returns mpirun's exit status (failing after 60 s).
+fn signal_rank_1(dir: &Path, signal: i32) -> std::process::ExitStatus {
+    let (out, metrics) = (dir.join("run"), dir.join("metrics.jsonl"));
     let mut args = train_args("tiny", "1000000", &out, &["--distributed", "mpi", "--threads", "1"]);
-    args.extend_from_slice(&["--metrics", s(&metrics), "--save-every", "0"]);
-    let mut child = mpirun(2, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    // Wait until the ranks are training (rank 0 has written a step's metrics).
+    args.extend_from_slice(&["--metrics", s(&metrics), "--save-every", "0", "--warmup-steps", "1"]);
+    let mut child = mpirun(2, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
     while std::fs::metadata(&metrics).map_or(true, |m| m.len() == 0) {
         assert!(t0.elapsed() < Duration::from_secs(60), "the run did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     let victim = children(child.id()).into_iter().find(|&p| rank_of(p) == Some(1)).expect("rank 1's process");
-    // SAFETY: kill(2) on a pid this test started (mpirun's child), with SIGKILL.
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    // SAFETY: kill(2) on a pid this test started (mpirun's child).
+    assert_eq!(unsafe { libc::kill(victim as i32, signal) }, 0);
     let t1 = Instant::now();
-    let status = loop {
+    loop {
         if let Some(s) = child.try_wait().unwrap() {
-            break s;
+            return s;
         }
         if t1.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("rank 0 and mpirun still run 60 s after rank 1 was killed");
+            panic!("mpirun still runs 60 s after rank 1 got signal {signal}");
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_others_instead_of_hanging_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = signal_rank_1(dir.path(), libc::SIGKILL);
     assert!(!status.success(), "mpirun must report the failure");
+}
+
+#[test]
+fn a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = signal_rank_1(dir.path(), libc::SIGTERM);
+    assert!(!status.success(), "an interrupted run exits non-zero");
+    // Rank 0 wrote the final checkpoint of the step every rank stopped after; it resumes.
+    let run = dir.path().join("run");
+    let last = step_dirs(&run).pop().expect("rank 0 saved the step the ranks stopped after");
+    let step: u32 = last.trim_start_matches("step-").parse().unwrap();
+    let total = (step + 2).to_string();
+    let resume = run.join(&last);
+    let args = ["train", "--resume", s(&resume), "--steps", &total, "--quiet", "--distributed", "mpi"];
+    assert_run_ok(&mpirun(2, &args).output().unwrap());
 }
 
 #[test]
