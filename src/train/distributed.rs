@@ -276,6 +276,20 @@ mod tests {
     }
 
     #[test]
+    fn ranks_with_other_thread_counts_are_refused_by_every_rank() {
+        let config = ModelConfig::preset("tiny").expect("tiny preset");
+        let errs = run_ranks(3, |comm| {
+            let threads = if comm.rank() == 1 { 2 } else { 1 };
+            let opts = TrainerOptions { threads, spheres: 4, ..TrainerOptions::default() };
+            Trainer::new_distributed(Model::new(config, 3), 4, 16, opts, comm).err().map(|e| e.0)
+        });
+        for e in errs {
+            let e = e.unwrap_or_default();
+            assert!(e.contains("rank 1 runs 2 threads") && e.contains("rank 0 1 threads"), "{e}");
+        }
+    }
+
+    #[test]
     fn a_step_with_no_valid_micro_batch_is_skipped_on_every_rank() {
         let opts = TrainerOptions { spheres: 2, inject_nan: vec![(1, 0), (1, 1)], ..TrainerOptions::default() };
         let want = train(1, 1, &opts, 2).remove(0);

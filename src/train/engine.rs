@@ -226,7 +226,26 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             );
         }
         let p = workload.num_params();
-        let blocks = Plan::new(resolve_spheres(opts.spheres, rows), comm.size() * opts.threads).blocks.len();
+        let spheres = resolve_spheres(opts.spheres, rows);
+        // The tree's layout depends on every rank's thread count: all must agree (and on the
+        // shape), or their exchanges would not match. Every rank sees the same table.
+        let mine = [opts.threads, spheres, p, rows, seq, opts.chunk_size].map(|x| x as u64);
+        let mut all = vec![0u64; mine.len() * comm.size()];
+        comm.all_gather_u64(&mine, &mut all);
+        let shape = |v: &[u64]| {
+            format!(
+                "{} threads, {} micro-batches of {}x{}, {} parameters in chunks of {}",
+                v[0], v[1], v[3], v[4], v[2], v[5]
+            )
+        };
+        if let Some((q, v)) = all.chunks(mine.len()).enumerate().find(|(_, v)| *v != &all[..mine.len()]) {
+            bail!(
+                "rank {q} runs {}, rank 0 {}: every rank needs the same --threads and run shape",
+                shape(v),
+                shape(&all[..mine.len()])
+            );
+        }
+        let blocks = Plan::new(spheres, comm.size() * opts.threads).blocks.len();
         if blocks.checked_mul(p).is_none_or(|n| n > i32::MAX as usize) {
             bail!("{blocks} blocks of {p} parameters are more floats than one MPI message can count (2^31 - 1)");
         }
