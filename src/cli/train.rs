@@ -238,7 +238,9 @@ pub fn run(args: TrainArgs) -> CliResult {
 
 /// `cllm train`, alone or as one rank of `dist`.
 fn run_as(args: &TrainArgs, dist: Option<Arc<dyn Comm>>) -> CliResult {
-    let mut plan = resolve(args)?;
+    // Only rank 0 (or the only process) prints notes and warnings.
+    let loud = !args.quiet && dist.as_ref().is_none_or(|d| d.rank() == 0);
+    let mut plan = resolve(args, loud)?;
     plan.spec.dist = dist;
     let writes = plan.spec.writes();
     if args.dry_run {
@@ -272,7 +274,7 @@ fn run_as(args: &TrainArgs, dist: Option<Arc<dyn Comm>>) -> CliResult {
 
 /// Resolves every option: a flag given on the command line, else the resumed checkpoint's
 /// value, else the default; and checks they make sense together.
-fn resolve(args: &TrainArgs) -> CliResult<Plan> {
+fn resolve(args: &TrainArgs, loud: bool) -> CliResult<Plan> {
     let inject_nan = check_flags(args)?;
     let resumed: Option<Checkpoint> = match &args.resume {
         Some(p) => Some(checkpoint::load(p)?),
@@ -284,11 +286,11 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
     let (data_path, corpus) = resolve_data(args, resumed.as_ref(), &options)?;
     let memory = memory_plan(&model_config, &options, corpus.len(), resumed.is_some() || init.is_some())?;
     let (out, out_is_new) = resolve_out(args, resumed.as_ref())?;
-    if let Some(c) = &resumed {
+    if let Some(c) = resumed.as_ref().filter(|_| loud) {
         note_new_total(args, c, options.steps);
     }
     check_metrics(args)?;
-    if !args.quiet {
+    if loud {
         warn_epochs(&corpus, &options)?;
     }
     let samples = Some(args.sample_every.unwrap_or(DEFAULT_SAMPLE_EVERY)).filter(|&n| n > 0).map(|every| SampleSpec {

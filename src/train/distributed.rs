@@ -6,8 +6,9 @@
 //!    set, the same [`tree::Program`] and the same skip decision.
 //! 2. Gradients: chunk `c` of the sum is owned by one rank ([`owned_chunks`], contiguous).
 //!    One `alltoallv` sends every rank's present blocks' slices of each chunk to its owner
-//!    (rank order, then owned chunk order, then block order); the owner folds them into that
-//!    chunk of `sum` with the program, in tree order: the additions of a single process.
+//!    (rank order, then owned chunk order, then block order); the owner folds them, and its
+//!    own blocks' slices read in place, into that chunk of `sum` with the program, in tree
+//!    order: the additions of a single process.
 //! 3. An `allgatherv` of the owned ranges gives every rank the whole sum; each rank takes the
 //!    chunk norms itself, in chunk order, as the local reduction does.
 //!
@@ -165,12 +166,13 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             s.slot[i] = s.present[q];
             s.present[q] += 1;
         }
-        // Every rank's owned chunks, from this rank's present blocks (itself included).
+        // The other ranks' owned chunks, from this rank's present blocks (its own chunks it
+        // reads in place).
         s.send.clear();
         s.send_counts.clear();
         for q in 0..ranks {
             let before = s.send.len();
-            for c in owned_chunks(self.sum.num_chunks(), ranks, q) {
+            for c in owned_chunks(self.sum.num_chunks(), ranks, q).filter(|_| q != me) {
                 let r = self.sum.chunk_range(c);
                 for i in (0..n_blocks).filter(|&i| d.block_rank[i] == me && t.valid_in_block[i] > 0) {
                     // SAFETY: this rank's blocks are final after "computed" and only read
@@ -185,9 +187,10 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         s.recv_at.clear();
         let mut at = 0;
         for p in 0..ranks {
+            let n = if p == me { 0 } else { own.len() * s.present[p] };
             s.recv_at.push(at);
-            s.recv_counts.push(own.len() * s.present[p]);
-            at += own.len() * s.present[p];
+            s.recv_counts.push(n);
+            at += n;
         }
         s.recv.resize(at, 0.0);
         comm.all_to_all_v(&s.send, &s.send_counts, &mut s.recv, &s.recv_counts);
@@ -199,6 +202,11 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             let (recv, recv_at, present, slot, block_rank) = (&s.recv, &s.recv_at, &s.present, &s.slot, &d.block_rank);
             let src = |i: usize, f: &mut dyn FnMut(&[f32])| {
                 let p = block_rank[i];
+                if p == me {
+                    // SAFETY: this rank's blocks are final after "computed" and only read
+                    // until "reduced".
+                    return unsafe { self.buf(self.plan.block_buf[i]).with(|g| f(&g[r.clone()])) };
+                }
                 let at = recv_at[p] + off * present[p] + slot[i] * r.len();
                 f(&recv[at..at + r.len()])
             };
@@ -219,7 +227,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             // SAFETY: written only here, by the coordinator, before "reduced".
             unsafe { self.partials[c].with_mut(|x| *x = sq) };
         }
-        let sent = s.send.len() - s.send_counts[me] + (ranks - 1) * own.len();
+        let sent = s.send.len() + (ranks - 1) * own.len();
         sent * 4
     }
 }
