@@ -1,5 +1,6 @@
-//! The exchange of a distributed step ([`crate::dist`]), run by each rank's coordinator
-//! (worker 0) between "computed" and "reduced", while its other workers wait at "reduced".
+//! The reduce phase of a distributed step ([`crate::dist`]), between "computed" and
+//! "reduced": each rank's coordinator (worker 0, the only thread that calls MPI) exchanges
+//! with the other ranks, and all of the rank's workers fold the chunks it owns.
 //!
 //! 1. Results: every rank all-gathers the results (loss, scan, clip factor) of the
 //!    micro-batches it computed, so every rank holds all S results and derives the same valid
@@ -8,13 +9,16 @@
 //!    One `alltoallv` sends every rank's present blocks' slices of each chunk to its owner
 //!    (rank order, then owned chunk order, then block order); the owner folds them, and its
 //!    own blocks' slices read in place, into that chunk of `sum` with the program, in tree
-//!    order: the additions of a single process.
-//! 3. An `allgatherv` of the owned ranges gives every rank the whole sum; each rank takes the
-//!    chunk norms itself, in chunk order, as the local reduction does.
+//!    order: the additions of a single process. After the inner barrier "sent", the rank's
+//!    workers fold every N-th owned chunk each, and take its squared norm.
+//! 3. After the inner barrier "folded", an `allgatherv` of the owned ranges gives every rank
+//!    the whole sum, and an all-gather of the owned chunks' norms (f64 bits) all of them;
+//!    every rank then adds the norms in chunk order, as the local reduction does.
 //!
 //! Every rank calls the same collectives in the same order (the valid set decides whether
 //! steps 2 and 3 run, and it is the same everywhere), so none waits for a call that never comes.
 
+use super::barrier::Poisoned;
 use super::engine::Local;
 use super::protocol::{Shared, SlotResult};
 use super::timing::{Clock, WorkerTiming};
@@ -22,7 +26,7 @@ use super::tree::{self, Plan};
 use super::workload::Workload;
 use crate::dist::{owned_chunks, Comm};
 use crate::grad::{self, MAX_BAD};
-use crate::sync::{Backend, CellApi, MutexApi};
+use crate::sync::{Backend, CellApi};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -40,7 +44,8 @@ pub(crate) struct Dist<B: Backend> {
     block_rank: Vec<usize>,
     /// This rank's micro-batches.
     mine: Range<usize>,
-    scratch: B::Mutex<Scratch>,
+    /// The coordinator's buffers; the workers read the received blocks from them.
+    scratch: B::Cell<Scratch>,
 }
 
 /// The coordinator's buffers, grown on the first steps and reused.
@@ -80,7 +85,7 @@ impl<B: Backend> Dist<B> {
         }
         let lo = tree::worker_range(spheres, workers, rank * threads).start;
         let hi = tree::worker_range(spheres, workers, rank * threads + threads - 1).end;
-        Dist { comm, rank, ranks, micro_rank, block_rank, mine: lo..hi, scratch: B::Mutex::new(Scratch::default()) }
+        Dist { comm, rank, ranks, micro_rank, block_rank, mine: lo..hi, scratch: B::Cell::new(Scratch::default()) }
     }
 }
 
@@ -119,16 +124,47 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         self.sum.chunk_range(c.start).start..self.sum.chunk_range(c.end - 1).end
     }
 
-    /// The exchange (module doc): on worker 0 only, between "computed" and "reduced".
-    pub(super) fn exchange(&self, d: &Dist<B>, local: &mut Local<W>, tm: &mut WorkerTiming) {
-        let clock = Clock::<B>::start();
-        d.scratch.with(|s| self.exchange_in(d, s, local, tm));
-        tm.exchange = clock.elapsed();
+    /// Worker k's part of the distributed reduce phase (module doc), from "computed" to
+    /// "reduced"; returns whether the step updates. Two inner barriers: "sent" (the owned
+    /// chunks' blocks have arrived) and "folded" (every owned chunk is summed).
+    pub(super) fn reduce_distributed(
+        &self,
+        d: &Dist<B>,
+        k: usize,
+        local: &mut Local<W>,
+        tm: &mut WorkerTiming,
+    ) -> Result<(), Poisoned> {
+        let mut clock = Clock::<B>::start();
+        if k == 0 {
+            // SAFETY: the scratch is written by worker 0 alone between "computed" and "sent"
+            // and between "folded" and "reduced", and read by the workers between "sent" and
+            // "folded".
+            unsafe { d.scratch.with_mut(|s| self.exchange_send(d, s, local, tm)) };
+            tm.exchange += clock.lap();
+        }
+        self.phase_wait(tm)?; // "sent": every result and every remote block is here
+        let (_, apply) = self.collect_valid(&mut local.valid);
+        if apply {
+            if k != 0 {
+                self.build_program(&mut local.tree, &local.valid);
+            }
+            // SAFETY: read-only between "sent" and "folded" (above).
+            unsafe { d.scratch.with(|s| self.fold_owned(d, s, k, local)) };
+        }
+        tm.reduce += clock.lap();
+        self.phase_wait(tm)?; // "folded"
+        clock.lap();
+        if k == 0 && apply {
+            // SAFETY: as above.
+            unsafe { d.scratch.with_mut(|s| self.exchange_gather(d, s, tm)) };
+            tm.exchange += clock.lap();
+        }
+        Ok(())
     }
 
-    fn exchange_in(&self, d: &Dist<B>, s: &mut Scratch, local: &mut Local<W>, tm: &mut WorkerTiming) {
+    /// Worker 0, before "sent": step 1 and the `alltoallv` of step 2.
+    fn exchange_send(&self, d: &Dist<B>, s: &mut Scratch, local: &mut Local<W>, tm: &mut WorkerTiming) {
         let (spheres, ranks, comm) = (self.spheres, d.ranks, &*d.comm);
-        // 1. Results.
         s.records.clear();
         s.records.resize(spheres * RECORD, 0);
         for m in d.mine.clone() {
@@ -137,27 +173,20 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         }
         s.gathered.resize(ranks * spheres * RECORD, 0);
         comm.all_gather_u64(&s.records, &mut s.gathered);
-        let mut bytes = (ranks - 1) * spheres * RECORD * 8;
+        tm.exchange_bytes = ((ranks - 1) * spheres * RECORD * 8) as u64;
         for m in (0..spheres).filter(|m| !d.mine.contains(m)) {
             let q = d.micro_rank[m];
             let rec = &s.gathered[(q * spheres + m) * RECORD..(q * spheres + m + 1) * RECORD];
             // SAFETY: another rank's micro-batch: no worker of this rank writes its result, and
-            // they read the results only after "reduced".
+            // the others read the results only after "sent".
             unsafe { self.results[m].with_mut(|r| decode(rec, q, r)) };
         }
         let (_, apply) = self.collect_valid(&mut local.valid);
-        if apply {
-            self.build_program(&mut local.tree, &local.valid);
-            bytes += self.exchange_gradients(d, s, local);
+        if !apply {
+            return;
         }
-        tm.exchange_bytes = bytes as u64;
-    }
-
-    /// Steps 2 and 3 of the module doc; returns the bytes sent to other ranks.
-    fn exchange_gradients(&self, d: &Dist<B>, s: &mut Scratch, local: &mut Local<W>) -> usize {
-        let (ranks, me, comm) = (d.ranks, d.rank, &*d.comm);
-        let t = &mut local.tree;
-        let n_blocks = self.plan.blocks.len();
+        self.build_program(&mut local.tree, &local.valid);
+        let (me, t, n_blocks) = (d.rank, &local.tree, self.plan.blocks.len());
         s.present.clear();
         s.present.resize(ranks, 0);
         s.slot.resize(n_blocks, 0);
@@ -194,41 +223,69 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         }
         s.recv.resize(at, 0.0);
         comm.all_to_all_v(&s.send, &s.send_counts, &mut s.recv, &s.recv_counts);
-        // The top of the tree over this rank's chunks, in tree order.
+        tm.exchange_bytes += (s.send.len() * 4) as u64;
+    }
+
+    /// Every worker, between "sent" and "folded": the top of the tree over its share of this
+    /// rank's chunks (every N-th, from the k-th), in tree order, and their squared norms.
+    fn fold_owned(&self, d: &Dist<B>, s: &Scratch, k: usize, local: &mut Local<W>) {
+        let (ranks, me) = (d.ranks, d.rank);
+        let own = self.owned_floats(ranks, me);
+        let t = &mut local.tree;
         let (program, tmp) = (&t.program, &mut t.tmp);
-        for c in owned_chunks(self.sum.num_chunks(), ranks, me) {
+        let owned = owned_chunks(self.sum.num_chunks(), ranks, me);
+        for c in (owned.start + k..owned.end).step_by(self.n_workers) {
             let r = self.sum.chunk_range(c);
             let off = r.start - own.start;
-            let (recv, recv_at, present, slot, block_rank) = (&s.recv, &s.recv_at, &s.present, &s.slot, &d.block_rank);
             let src = |i: usize, f: &mut dyn FnMut(&[f32])| {
-                let p = block_rank[i];
+                let p = d.block_rank[i];
                 if p == me {
                     // SAFETY: this rank's blocks are final after "computed" and only read
                     // until "reduced".
                     return unsafe { self.buf(self.plan.block_buf[i]).with(|g| f(&g[r.clone()])) };
                 }
-                let at = recv_at[p] + off * present[p] + slot[i] * r.len();
-                f(&recv[at..at + r.len()])
+                let at = s.recv_at[p] + off * s.present[p] + s.slot[i] * r.len();
+                f(&s.recv[at..at + r.len()])
             };
-            // SAFETY: only this thread touches `sum` between "computed" and "reduced".
-            unsafe { self.sum.write_chunk(c, |dst| program.fold(dst, tmp, src)) };
+            // SAFETY: chunk c of `sum` and its norm are written only by this worker between
+            // "sent" and "folded", and read by worker 0 after "folded".
+            unsafe {
+                self.sum.write_chunk(c, |dst| program.fold(dst, tmp, src));
+                let sq = self.sum.read_chunk(c, grad::sqnorm);
+                self.partials[c].with_mut(|x| *x = sq);
+            }
         }
-        // Every rank's owned range, gathered into the whole sum.
+    }
+
+    /// Worker 0, between "folded" and "reduced": step 3, the owned ranges of the sum and their
+    /// chunk norms gathered from every rank.
+    fn exchange_gather(&self, d: &Dist<B>, s: &mut Scratch, tm: &mut WorkerTiming) {
+        let (ranks, me, comm, chunks) = (d.ranks, d.rank, &*d.comm, self.sum.num_chunks());
+        let own = self.owned_floats(ranks, me);
         s.mine.clear();
-        // SAFETY: as above.
+        // SAFETY: between "folded" and "reduced" only worker 0 touches `sum` and the norms.
         unsafe { self.sum.read_all(|g| s.mine.extend_from_slice(&g[own.clone()])) };
         s.gather_counts.clear();
         s.gather_counts.extend((0..ranks).map(|q| self.owned_floats(ranks, q).len()));
         // SAFETY: as above.
         unsafe { self.sum.write_all(|g| comm.all_gather_v(&s.mine, g, &s.gather_counts)) };
-        for c in 0..self.sum.num_chunks() {
-            // SAFETY: as above; the chunk norms are read after "reduced".
-            let sq = unsafe { self.sum.read_chunk(c, grad::sqnorm) };
-            // SAFETY: written only here, by the coordinator, before "reduced".
-            unsafe { self.partials[c].with_mut(|x| *x = sq) };
+        // The norms as f64 bits, padded to the most chunks a rank owns.
+        let width = chunks.div_ceil(ranks);
+        s.records.clear();
+        s.records.resize(width, 0);
+        for (j, c) in owned_chunks(chunks, ranks, me).enumerate() {
+            // SAFETY: as above.
+            s.records[j] = unsafe { self.partials[c].with(|x| x.to_bits()) };
         }
-        let sent = s.send.len() + (ranks - 1) * own.len();
-        sent * 4
+        s.gathered.resize(ranks * width, 0);
+        comm.all_gather_u64(&s.records, &mut s.gathered);
+        for q in (0..ranks).filter(|&q| q != me) {
+            for (j, c) in owned_chunks(chunks, ranks, q).enumerate() {
+                // SAFETY: as above; the norms are read after "reduced".
+                unsafe { self.partials[c].with_mut(|x| *x = f64::from_bits(s.gathered[q * width + j])) };
+            }
+        }
+        tm.exchange_bytes += ((ranks - 1) * (own.len() * 4 + width * 8)) as u64;
     }
 }
 
@@ -269,7 +326,7 @@ mod tests {
         };
         for opts in [base.clone(), TrainerOptions { clip_mode: ClipMode::PerSphere, ..base }] {
             let want = train(1, 1, &opts, 3).remove(0);
-            for (ranks, threads) in [(2, 1), (3, 1), (2, 2), (4, 1), (3, 2)] {
+            for (ranks, threads) in [(1, 3), (2, 1), (3, 1), (2, 2), (4, 1), (3, 2), (2, 3)] {
                 for (r, got) in train(ranks, threads, &opts, 3).into_iter().enumerate() {
                     let same = got.0.iter().zip(&want.0).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(

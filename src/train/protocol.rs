@@ -250,11 +250,10 @@ impl<B: Backend, W: Workload> Shared<B, W> {
     /// norms, then wait for every chunk ("reduced") and add the norms up in chunk order.
     fn reduce(&self, k: usize, local: &mut Local<W>, tm: &mut WorkerTiming) -> Result<Reduced, Poisoned> {
         if let Some(d) = &self.dist {
-            // Distributed: the coordinator alone exchanges with the other ranks and writes
-            // every chunk of `sum`, its norm and the remote results before "reduced".
-            if k == 0 {
-                self.exchange(d, local, tm);
-            }
+            // Distributed (super::distributed): the coordinator exchanges with the other ranks,
+            // all workers fold this rank's chunks; every chunk of `sum`, its norm and the other
+            // ranks' results are known at "reduced".
+            self.reduce_distributed(d, k, local, tm)?;
             self.phase_wait(tm)?;
             let (n_valid, apply) = self.collect_valid(&mut local.valid);
             let total = if apply { self.total_sqnorm() } else { f64::NAN };
@@ -347,7 +346,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         self.partials.iter().fold(0.0f64, |total, p| total + unsafe { p.with(|x| *x) })
     }
 
-    fn phase_wait(&self, tm: &mut WorkerTiming) -> Result<(), Poisoned> {
+    pub(super) fn phase_wait(&self, tm: &mut WorkerTiming) -> Result<(), Poisoned> {
         let clock = Clock::<B>::start();
         self.barrier.wait()?;
         tm.barrier_wait += clock.elapsed();
