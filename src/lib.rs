@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod generate;
 pub mod grad;

@@ -9,6 +9,7 @@
 //!
 //! `cllm profile` writes a flamegraph of training steps, sampled with pprof.
 
+pub mod distributed;
 pub mod machine;
 pub mod profile;
 pub mod report;
@@ -84,6 +85,11 @@ pub struct BenchArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Measure one rank of a run under `mpirun` instead (segmented only): per-step exchange
+    /// time and bytes of every rank beside the compute split, in DIR/distributed.json (needs a
+    /// build with --features mpi; see docs/distributed.md).
+    #[arg(long, value_name = "BACKEND", value_enum)]
+    pub distributed: Option<crate::dist::Distributed>,
 }
 
 impl Default for BenchArgs {
@@ -103,7 +109,7 @@ pub(crate) fn defaults_of<A: clap::Args + clap::FromArgMatches>() -> A {
 }
 
 /// A validated bench plan.
-struct Plan {
+pub(crate) struct Plan {
     name: String,
     cfg: ModelConfig,
     batch: usize,
@@ -200,7 +206,7 @@ pub(crate) fn check_threads(flag: &str, t: usize) -> Result<()> {
     Ok(())
 }
 
-fn plan(args: &BenchArgs) -> Result<Plan> {
+pub(crate) fn plan(args: &BenchArgs) -> Result<Plan> {
     let (cfg, batch) = resolve_config(&args.config, args.batch)?;
     check_steps(args.steps, args.warmup)?;
     if args.threads.is_empty() {
@@ -349,7 +355,7 @@ fn measure_cell(
     Ok(Measured { step_s, wall_s, cpu_s, phases, final_loss, max_rss_mb, background_cores })
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -503,6 +509,9 @@ pub fn bench_out(args: &BenchArgs) -> Result<PathBuf> {
 /// `cllm bench`: measures the matrix and writes the report into [`bench_out`] (chosen after
 /// measuring, so two runs started together still get a directory each).
 pub fn run_bench(args: &BenchArgs) -> Result<()> {
+    if let Some(kind) = args.distributed {
+        return distributed::run(args, crate::dist::init(kind)?);
+    }
     let report = measure(args)?;
     let dir = bench_out(args)?;
     report::write_all(&dir, &report)?;

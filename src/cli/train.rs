@@ -20,6 +20,7 @@ use crate::checkpoint::{self, Checkpoint, STATE_FILE};
 use crate::config::{ModelConfig, PRESETS};
 use crate::data::tokens::{CacheUse, Tokenized, TOKEN_CACHE_FILE};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
+use crate::dist::{Comm, Distributed, BUILD_WITH_MPI, DEFAULT_CHECK_EVERY};
 use crate::generate::SampleOptions;
 use crate::memory::{Available, MemoryPlan, RunShape};
 use crate::model::Model;
@@ -34,6 +35,7 @@ use crate::train::progress::Progress;
 use crate::train::run::{self as runner, RunSpec, SampleSpec};
 use crate::train::schedule::{default_warmup, DEFAULT_WARMUP_DIVISOR, MAX_DEFAULT_WARMUP, MIN_LR_RATIO};
 use crate::train::{resolve_spheres, ClipMode, LrSchedule, Strategy};
+use std::sync::Arc;
 
 /// Bytes in the sample printed after training.
 pub const SAMPLE_BYTES: usize = 300;
@@ -152,6 +154,17 @@ pub struct TrainArgs {
     ))]
     pub strategy: Option<Strategy>,
 
+    #[arg(long, value_name = "BACKEND", value_enum, help_heading = "Parallelism", help = format!(
+        "Run as one rank of a multi-process run: `mpirun -np R cllm train --distributed mpi ...` (needs a cllm \
+         built with `{BUILD_WITH_MPI}`; see docs/distributed.md). The weights are those of one process."
+    ))]
+    pub distributed: Option<Distributed>,
+    #[arg(long, value_name = "N", help_heading = "Parallelism", help = format!(
+        "With --distributed: the ranks compare a hash of their weights every N steps, and at the start and the \
+         end (0: only then); {DEFAULT_CHECK_EVERY} when not given."
+    ))]
+    pub check_every: Option<u64>,
+
     #[arg(long, value_name = "DIR", help_heading = "Checkpoints", help = format!(
         "Run directory receiving step-NNNNNN checkpoints. [default: a new {RUNS_DIR}/run-NNN, or the resumed \
          run's directory]"
@@ -221,12 +234,41 @@ struct Plan {
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
-    let plan = resolve(&args)?;
+    let Some(kind) = args.distributed else { return run_as(&args, None) };
+    if args.strategy.is_some_and(|s| s != Strategy::Segmented) {
+        usage!("--distributed needs --strategy segmented (the strategy whose sum order is fixed)");
+    }
+    let comm = crate::dist::init(kind).map_err(|e| Failure::usage(e.0))?;
+    match run_as(&args, Some(Arc::clone(&comm))) {
+        // An error on one rank ends them all (MPI_Abort), so none waits for it in a collective.
+        // A plain exit status (an interrupted run) is reached by every rank alike.
+        Err(f) if !f.message.is_empty() && comm.size() > 1 => {
+            super::print_error(&format!("rank {}: {}", comm.rank(), f.message));
+            comm.abort(i32::from(f.code))
+        }
+        other => other,
+    }
+}
+
+/// `cllm train`, alone or as one rank of `dist`.
+fn run_as(args: &TrainArgs, dist: Option<Arc<dyn Comm>>) -> CliResult {
+    // Only rank 0 (or the only process) prints notes and warnings.
+    let mut plan = resolve(args, dist.as_ref().is_none_or(|d| d.rank() == 0))?;
+    plan.spec.dist = dist;
+    let writes = plan.spec.writes();
     if args.dry_run {
-        return report::print_plan(&plan, args.json);
+        return if writes { report::print_plan(&plan, args.json) } else { Ok(()) };
     }
     // Before anything is written: a signal from here on is a stop request, never a kill.
     let stop = StopRequest::install()?;
+    if !writes {
+        // Rank 0 owns the run directory; the others only train.
+        let summary = runner::train(&plan.spec, &stop)?;
+        return match summary.interrupted {
+            Some(sig) => Err(Failure::silent(crate::signals::exit_code(sig) as u8)),
+            None => Ok(()),
+        };
+    }
     if plan.out_is_new {
         std::fs::create_dir_all(&plan.spec.out)
             .map_err(|e| crate::err!("cannot create {}: {e}", plan.spec.out.display()))?;
@@ -241,14 +283,17 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
     let summary = runner::train(&plan.spec, &stop)?;
     match summary.interrupted {
-        Some(sig) => report::report_interrupt(&plan, &summary, sig, &args),
-        None => report::print_summary(&plan, &summary, &args),
+        Some(sig) => report::report_interrupt(&plan, &summary, sig, args),
+        None => report::print_summary(&plan, &summary, args),
     }
 }
 
 /// Resolves every option: a flag given on the command line, else the resumed checkpoint's
 /// value, else the default; and checks they make sense together.
-fn resolve(args: &TrainArgs) -> CliResult<Plan> {
+/// `rank0`: this process is rank 0 of a distributed run, or the only process; only it prints
+/// notes (warnings only without `--quiet`).
+fn resolve(args: &TrainArgs, rank0: bool) -> CliResult<Plan> {
+    let loud = rank0 && !args.quiet;
     let inject_nan = check_flags(args)?;
     let resumed: Option<Checkpoint> = match &args.resume {
         Some(p) => Some(checkpoint::load(p)?),
@@ -271,7 +316,7 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
     let (train_len, _) = runner::split_lens(&corpus, tokens.as_ref(), &options)?;
     let token_bytes = tokens.as_ref().map_or(0, |t| t.ids.len() * t.ids.id_bytes());
     let memory = memory_plan(&model_config, &options, corpus.len() + token_bytes, resumed.is_some() || init.is_some())?;
-    if let Some(c) = &resumed {
+    if let Some(c) = resumed.as_ref().filter(|_| loud) {
         note_new_total(args, c, options.steps);
     }
     check_metrics(args)?;
@@ -307,12 +352,15 @@ fn resolve(args: &TrainArgs) -> CliResult<Plan> {
         command_line: std::env::args().collect(),
         samples,
         save_on_interrupt: !args.no_save_on_interrupt,
+        dist: None,
+        check_every: args.check_every.unwrap_or(DEFAULT_CHECK_EVERY),
     };
     // Said once everything is checked, so that an error stays the only line.
-    if let Some(note) = token_note {
+    // The tokenizer's note even under --quiet: re-tokenizing is never silent.
+    if let Some(note) = token_note.filter(|_| rank0) {
         eprintln!("{note}");
     }
-    if !args.quiet {
+    if loud {
         warn_epochs(train_len, spec.tokens.is_some(), &spec.options);
     }
     Ok(Plan { spec, memory, out_is_new, write_cache })

@@ -9,6 +9,7 @@
 //! waiting on it.
 
 use super::barrier::Barrier;
+use super::distributed::Dist;
 use super::fault::Fault;
 use super::lock_strategies::ModelSlot;
 use super::protocol::{Control, Shared, SlotResult};
@@ -19,10 +20,12 @@ use super::timing::{Clock, WorkerTiming};
 use super::tree::Plan;
 use super::workload::{StepBatch, Workload};
 use super::{StepReport, TrainerOptions};
+use crate::dist::Comm;
 use crate::optim::DecayMask;
 use crate::sync::{AtomicUsizeApi, Backend, CellApi, ChunkedBuf, MutexApi};
 use crate::{bail, Error, Result};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Default size of the fixed parameter chunks of the reduction, norm and optimizer. Results
 /// depend on it (it fixes the summation order), never on the thread count.
@@ -117,14 +120,24 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         (rows, seq, spheres): (usize, usize, usize),
         opts: &TrainerOptions,
         fault: Option<Fault>,
+        comm: Option<Arc<dyn Comm>>,
     ) -> Self {
         let (p, n, chunk) = (params.len(), opts.threads, opts.chunk_size);
+        let (rank, ranks) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()));
+        let (global_workers, first_worker) = (ranks * n, rank * n);
         let n_chunks = p.div_ceil(chunk);
         let barrier = match fault {
             Some(Fault::BarrierWithoutGeneration) => Barrier::new_without_generation(n),
             _ => Barrier::new(n),
         };
-        let plan = if opts.strategy == Strategy::Segmented { Plan::new(spheres, n) } else { Plan::default() };
+        let plan =
+            if opts.strategy == Strategy::Segmented { Plan::new(spheres, global_workers) } else { Plan::default() };
+        // This process's workers' buffers only (all of them unless distributed).
+        let own_bufs = match plan.first_buf.get(first_worker..=first_worker + n) {
+            Some([lo, .., hi]) => *lo..*hi,
+            _ => 0..0,
+        };
+        let dist = comm.map(|c| Dist::new(c, n, &plan, spheres));
         let arrivals = if fault == Some(Fault::ArrivalOrderMerge) { n } else { 0 };
         let model_slot = if opts.strategy == Strategy::ModelLock {
             ModelSlot { scratch: Some(workload.new_scratch(rows / spheres, seq)), grad: vec![0.0; p] }
@@ -135,6 +148,10 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         Shared {
             workload,
             n_workers: n,
+            global_workers,
+            first_worker,
+            buf_base: own_bufs.start,
+            dist,
             spheres,
             rows_per_micro: rows / spheres,
             seq,
@@ -151,7 +168,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             sum: ChunkedBuf::new(vec![0.0; p], chunk),
             adam_m: ChunkedBuf::new(vec![0.0; p], chunk),
             adam_v: ChunkedBuf::new(vec![0.0; p], chunk),
-            bufs: (0..plan.buffers()).map(|_| B::Cell::new(vec![0.0; p])).collect(),
+            bufs: own_bufs.map(|_| B::Cell::new(vec![0.0; p])).collect(),
             plan,
             results: (0..spheres).map(|_| B::Cell::new(SlotResult::default())).collect(),
             partials: cells(n_chunks),
@@ -178,7 +195,9 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             _ => (None, Vec::new()),
         };
         let tree = match self.strategy {
-            Strategy::Segmented => TreeLocal::new(&self.plan, self.spheres, k, self.sum.chunk_range(0).len()),
+            Strategy::Segmented => {
+                TreeLocal::new(&self.plan, self.spheres, self.first_worker + k, self.sum.chunk_range(0).len())
+            }
             _ => TreeLocal::default(),
         };
         Local { scratch, grad, valid: Vec::with_capacity(self.spheres), tree }
@@ -188,7 +207,49 @@ impl<B: Backend, W: Workload> Shared<B, W> {
 impl<B: Backend, W: Workload> Engine<B, W> {
     /// Spawns `opts.threads` workers over `params` for batches of `rows` x `seq` tokens.
     pub fn new(workload: W, params: Vec<f32>, rows: usize, seq: usize, opts: &TrainerOptions) -> Result<Self> {
-        Self::build(workload, params, rows, seq, opts, None)
+        Self::build(workload, params, rows, seq, opts, None, None)
+    }
+
+    /// As [`Engine::new`], as one rank of a distributed run over `comm` ([`crate::dist`]):
+    /// this process runs its rank's share of the tree's workers and exchanges the rest.
+    pub fn distributed(
+        workload: W,
+        params: Vec<f32>,
+        (rows, seq): (usize, usize),
+        opts: &TrainerOptions,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
+        if opts.strategy != Strategy::Segmented {
+            bail!(
+                "a distributed run needs the segmented strategy (the one whose sum order is fixed), not {}",
+                opts.strategy
+            );
+        }
+        let p = workload.num_params();
+        let spheres = resolve_spheres(opts.spheres, rows);
+        // The tree's layout depends on every rank's thread count: all must agree (and on the
+        // shape), or their exchanges would not match. Every rank sees the same table.
+        let mine = [opts.threads, spheres, p, rows, seq, opts.chunk_size].map(|x| x as u64);
+        let mut all = vec![0u64; mine.len() * comm.size()];
+        comm.all_gather_u64(&mine, &mut all);
+        let shape = |v: &[u64]| {
+            format!(
+                "{} threads, {} micro-batches of {}x{}, {} parameters in chunks of {}",
+                v[0], v[1], v[3], v[4], v[2], v[5]
+            )
+        };
+        if let Some((q, v)) = all.chunks(mine.len()).enumerate().find(|(_, v)| *v != &all[..mine.len()]) {
+            bail!(
+                "rank {q} runs {}, rank 0 {}: every rank needs the same --threads and run shape",
+                shape(v),
+                shape(&all[..mine.len()])
+            );
+        }
+        let blocks = Plan::new(spheres, comm.size() * opts.threads).blocks.len();
+        if blocks.checked_mul(p).is_none_or(|n| n > i32::MAX as usize) {
+            bail!("{blocks} blocks of {p} parameters are more floats than one MPI message can count (2^31 - 1)");
+        }
+        Self::build(workload, params, rows, seq, opts, None, Some(comm))
     }
 
     /// As [`Engine::new`], with a deliberately broken protocol variant (for the model checkers'
@@ -202,7 +263,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         opts: &TrainerOptions,
         fault: Fault,
     ) -> Result<Self> {
-        Self::build(workload, params, rows, seq, opts, Some(fault))
+        Self::build(workload, params, rows, seq, opts, Some(fault), None)
     }
 
     fn build(
@@ -212,6 +273,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
         seq: usize,
         opts: &TrainerOptions,
         fault: Option<Fault>,
+        comm: Option<Arc<dyn Comm>>,
     ) -> Result<Self> {
         let p = workload.num_params();
         let spheres = validate(opts, rows, seq, p)?;
@@ -222,7 +284,7 @@ impl<B: Backend, W: Workload> Engine<B, W> {
             bail!("expected {p} parameters, got {}", params.len());
         }
         let n = opts.threads;
-        let shared = Shared::<B, W>::new(workload, params, (rows, seq, spheres), opts, fault);
+        let shared = Shared::<B, W>::new(workload, params, (rows, seq, spheres), opts, fault, comm);
         let local0 = shared.new_local(0);
         let mut engine = Engine {
             shared: B::arc(shared),

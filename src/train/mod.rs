@@ -29,6 +29,7 @@
 //!   [`progress`]: stderr progress and the metrics file.
 
 pub mod barrier;
+pub mod distributed;
 pub mod engine;
 pub mod eval;
 pub mod fault;

@@ -100,6 +100,15 @@ impl SlotResult {
 pub(super) struct Shared<B: Backend, W: Workload> {
     pub workload: W,
     pub n_workers: usize,
+    /// The tree's workers over every process: `n_workers` unless distributed
+    /// ([`crate::dist`]: ranks x threads); this process runs global workers
+    /// `first_worker..first_worker + n_workers`.
+    pub global_workers: usize,
+    pub first_worker: usize,
+    /// The plan's index of `bufs[0]` (the first buffer of global worker `first_worker`).
+    pub buf_base: usize,
+    /// The exchange with the other ranks of a distributed run.
+    pub dist: Option<super::distributed::Dist<B>>,
     pub spheres: usize,
     pub rows_per_micro: usize,
     pub seq: usize,
@@ -240,6 +249,16 @@ impl<B: Backend, W: Workload> Shared<B, W> {
     /// Phase 2: sum this worker's chunks over the blocks (segmented) and take their squared
     /// norms, then wait for every chunk ("reduced") and add the norms up in chunk order.
     fn reduce(&self, k: usize, local: &mut Local<W>, tm: &mut WorkerTiming) -> Result<Reduced, Poisoned> {
+        if let Some(d) = &self.dist {
+            // Distributed (super::distributed): the coordinator exchanges with the other ranks,
+            // all workers fold this rank's chunks; every chunk of `sum`, its norm and the other
+            // ranks' results are known at "reduced".
+            self.reduce_distributed(d, k, local, tm)?;
+            self.phase_wait(tm)?;
+            let (n_valid, apply) = self.collect_valid(&mut local.valid);
+            let total = if apply { self.total_sqnorm() } else { f64::NAN };
+            return Ok(Reduced { n_valid, apply, total });
+        }
         let (n_valid, apply) = self.collect_valid(&mut local.valid);
         let mut clock = Clock::<B>::start();
         if apply {
@@ -266,7 +285,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
 
     /// Reads every slot result (after "computed"): fills `valid` in index order and returns
     /// (n_valid, whether the step updates the weights).
-    fn collect_valid(&self, valid: &mut Vec<(usize, f32)>) -> (usize, bool) {
+    pub(super) fn collect_valid(&self, valid: &mut Vec<(usize, f32)>) -> (usize, bool) {
         valid.clear();
         let mut panicked = false;
         for (m, r) in self.results.iter().enumerate() {
@@ -327,7 +346,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         self.partials.iter().fold(0.0f64, |total, p| total + unsafe { p.with(|x| *x) })
     }
 
-    fn phase_wait(&self, tm: &mut WorkerTiming) -> Result<(), Poisoned> {
+    pub(super) fn phase_wait(&self, tm: &mut WorkerTiming) -> Result<(), Poisoned> {
         let clock = Clock::<B>::start();
         self.barrier.wait()?;
         tm.barrier_wait += clock.elapsed();

@@ -16,6 +16,12 @@
 //! only: the step in flight completes, then the loop writes a final checkpoint of that step
 //! (unless the run was told not to, or the step's checkpoint was just written) and returns a
 //! summary marked interrupted. The trainer drops on return, which joins every worker.
+//!
+//! Distributed ([`crate::dist`], `RunSpec::dist`): every rank runs this loop over the same
+//! batches; rank 0 alone evaluates, writes checkpoints, metrics, samples and progress. After
+//! each step the ranks combine their stop requests (an integer max), so all of them stop after
+//! the same step; every `check_every` steps (and at the start and the end) they compare a hash
+//! of their weights, and all of them fail alike if one differs.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,10 +35,12 @@ use crate::checkpoint::{self, Checkpoint, DataRecord, TokensRecord, TrainState};
 use crate::config::ModelConfig;
 use crate::data::tokens::{Token, TokenSlice, Tokenized};
 use crate::data::{split_tokens, BatchSampler, Corpus};
+use crate::dist::{check_weights, Comm};
 use crate::error::Result;
 use crate::generate::{generate_bytes, SampleOptions};
 use crate::model::Model;
 use crate::signals::StopRequest;
+use std::sync::Arc;
 
 /// Everything one run needs, resolved and validated by the caller.
 pub struct RunSpec {
@@ -63,6 +71,18 @@ pub struct RunSpec {
     pub samples: Option<SampleSpec>,
     /// Whether a stop request writes a final checkpoint (`--no-save-on-interrupt` clears it).
     pub save_on_interrupt: bool,
+    /// `--distributed`: this process is one rank of a run over `dist`.
+    pub dist: Option<Arc<dyn Comm>>,
+    /// `--check-every`: distributed ranks compare their weights every so many steps (0: only at
+    /// the start and the end).
+    pub check_every: u64,
+}
+
+impl RunSpec {
+    /// True on the process that writes (rank 0, or the only one).
+    pub fn writes(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.rank() == 0)
+    }
 }
 
 /// What `--sample-every` samples: `opts.tokens` bytes after `prompt`, every `every` steps, with
@@ -180,10 +200,15 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
         split_tokens(data, o.val_fraction, o.context, unit).map_err(|e| e.context(&spec.corpus.name))?;
     let saver = Saver { spec, data: data_record(spec, train_data.len(), val_data.len()) };
     let (mut trainer, mut sampler, start_step) = start(spec, train_data.len())?;
-
-    checkpoint::remove_stale_temps(&spec.out);
-    let mut reporter =
-        Reporter::new(spec.progress, spec.metrics.as_deref(), spec.resume.is_some(), start_step, o.steps)?;
+    let writes = spec.writes();
+    if let Some(d) = &spec.dist {
+        check_weights(&**d, start_step, trainer.params())?;
+    }
+    let (progress, metrics) = if writes { (spec.progress, spec.metrics.as_deref()) } else { (Progress::Silent, None) };
+    if writes {
+        checkpoint::remove_stale_temps(&spec.out);
+    }
+    let mut reporter = Reporter::new(progress, metrics, spec.resume.is_some(), start_step, o.steps)?;
     let tokens_per_step = (o.batch * o.context) as u64;
     let mut inputs = Vec::with_capacity(o.batch * o.context);
     let mut targets = Vec::with_capacity(o.batch * o.context);
@@ -205,7 +230,7 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
         tally.step_time += dt;
         tally.last_loss = Some(report.loss);
         tally.skipped_updates += u64::from(report.update_skipped);
-        let val = if !val_data.is_empty() && due(step, o.eval_every, o.steps) {
+        let val = if writes && !val_data.is_empty() && due(step, o.eval_every, o.steps) {
             let r = evaluate(
                 &spec.model_config,
                 trainer.params(),
@@ -228,12 +253,12 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
             reporter.saved_best(&dir, step, &v);
             tally.best = Some((dir, v));
         }
-        if due(step, o.save_every, o.steps) {
+        if writes && due(step, o.save_every, o.steps) {
             let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
             reporter.saved(&dir);
             tally.last_checkpoint = Some(dir);
         }
-        if let Some(s) = spec.samples.as_ref().filter(|s| s.every > 0 && step.is_multiple_of(s.every)) {
+        if let Some(s) = spec.samples.as_ref().filter(|s| writes && s.every > 0 && step.is_multiple_of(s.every)) {
             let model = Model::from_params(spec.model_config, trainer.params().to_vec())?;
             reporter.sample(step, &spec.sample(&model, &s.prompt, s.opts)?)?;
         }
@@ -241,8 +266,9 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
         if let Some(d) = step_delay {
             std::thread::sleep(d);
         }
-        if let Some(sig) = stop.requested() {
-            if spec.save_on_interrupt && !due(step, o.save_every, o.steps) {
+        let requested = agree_on_stop(spec, stop, step, trainer.params())?;
+        if let Some(sig) = requested {
+            if writes && spec.save_on_interrupt && !due(step, o.save_every, o.steps) {
                 let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
                 reporter.saved(&dir);
                 tally.last_checkpoint = Some(dir);
@@ -253,12 +279,12 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
     }
     reporter.finish();
     let steps_run = last_step - start_step;
-    if interrupted.is_none() && tally.last_checkpoint.is_none() {
+    if interrupted.is_none() && last_step == start_step {
         crate::bail!("no step was run: already at step {start_step}");
     }
     // The summary's validation covers the whole split, not the periodic windows (skipped when
     // interrupted: the user asked to stop).
-    let val = if val_data.is_empty() || interrupted.is_some() {
+    let val = if !writes || val_data.is_empty() || interrupted.is_some() {
         None
     } else {
         Some(evaluate(
@@ -284,6 +310,20 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
         checkpoint: tally.last_checkpoint,
         model: Model::from_params(spec.model_config, trainer.params().to_vec())?,
     })
+}
+
+/// The stop request after `step`: this process's, or, distributed, the largest signal number
+/// any rank received (every rank gets the same answer); the ranks' weights are compared when
+/// they stop and every `check_every` steps.
+fn agree_on_stop(spec: &RunSpec, stop: &StopRequest, step: u64, params: &[f32]) -> Result<Option<i32>> {
+    let mine = stop.requested();
+    let Some(d) = &spec.dist else { return Ok(mine) };
+    let sig = d.max_u64(mine.map_or(0, |s| s as u64));
+    let requested = (sig > 0).then_some(sig as i32);
+    if requested.is_some() || due(step, spec.check_every, spec.options.steps) {
+        check_weights(&**d, step, params)?;
+    }
+    Ok(requested)
 }
 
 /// The `best/` an earlier part of a resumed run left in its directory, with the periodic
@@ -321,7 +361,10 @@ fn start(spec: &RunSpec, train_len: usize) -> Result<(Trainer, BatchSampler, u64
         }
     };
     let opts = o.trainer_options(spec.inject_nan.clone(), &model.layout);
-    let mut trainer = Trainer::new(model, o.batch, o.context, opts)?;
+    let mut trainer = match &spec.dist {
+        Some(d) => Trainer::new_distributed(model, o.batch, o.context, opts, Arc::clone(d))?,
+        None => Trainer::new(model, o.batch, o.context, opts)?,
+    };
     if let Some(c) = &spec.resume {
         trainer.set_adam_state(&c.adam_m, &c.adam_v, c.state.adam_t)?;
         trainer.set_step(start_step);

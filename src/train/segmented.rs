@@ -47,14 +47,14 @@ pub(super) struct TreeLocal {
     cascade: Vec<usize>,
     tile: Vec<f32>,
     /// The reduction's program, and how many valid micro-batches each block has.
-    program: Program,
-    valid_in_block: Vec<usize>,
+    pub(super) program: Program,
+    pub(super) valid_in_block: Vec<usize>,
     /// The fold's stack levels above level 0.
-    tmp: Vec<f32>,
+    pub(super) tmp: Vec<f32>,
 }
 
 impl TreeLocal {
-    /// Buffers sized for worker `k`'s part in the tree over `chunk`-float chunks.
+    /// Buffers sized for global worker `k`'s part in the tree over `chunk`-float chunks.
     pub fn new(plan: &tree::Plan, spheres: usize, k: usize, chunk: usize) -> Self {
         let own = plan.first_buf.get(k + 1).copied().unwrap_or(0) - plan.first_buf.get(k).copied().unwrap_or(0);
         let mut program = Program::default();
@@ -75,13 +75,14 @@ impl<B: Backend, W: Workload> Shared<B, W> {
     /// Phase 1 under segmented: worker k's micro-batches, evaluated into its blocks.
     pub(super) fn compute_tree(&self, k: usize, ctl: &Control, local: &mut Local<W>, tm: &mut WorkerTiming) {
         let t = &mut local.tree;
-        t.counter.reset(self.plan.first_buf[k]..self.plan.first_buf[k + 1]);
-        for m in tree::worker_range(self.spheres, self.n_workers, k) {
+        let g = self.first_worker + k;
+        t.counter.reset(self.plan.first_buf[g]..self.plan.first_buf[g + 1]);
+        for m in tree::worker_range(self.spheres, self.global_workers, g) {
             let b = t.counter.next_buffer().expect("a worker's pool holds its counter's peak (tree::peak_buffers)");
             // SAFETY: buffer b belongs to worker k, which alone writes its buffers, in the
             // compute phase; the others read them only between "computed" and "reduced".
             let res = unsafe {
-                self.bufs[b].with_mut(|g| {
+                self.buf(b).with_mut(|g| {
                     let res = self.compute_one(m, ctl, &mut local.scratch, g);
                     if res.valid() && res.factor != 1.0 {
                         grad::scale(g, res.factor);
@@ -123,11 +124,11 @@ impl<B: Backend, W: Workload> Shared<B, W> {
             // SAFETY: the cascade's buffers are this worker's, distinct (one per stack entry),
             // and written only by it in the compute phase; one cell is accessed at a time.
             unsafe {
-                self.bufs[last].with(|g| acc.copy_from_slice(&g[r.clone()]));
+                self.buf(last).with(|g| acc.copy_from_slice(&g[r.clone()]));
                 for &b in mid.iter().rev() {
-                    self.bufs[b].with(|g| tree::add(acc, &g[r.clone()]));
+                    self.buf(b).with(|g| tree::add(acc, &g[r.clone()]));
                 }
-                self.bufs[first.buf].with_mut(|g| {
+                self.buf(first.buf).with_mut(|g| {
                     if first.present {
                         tree::add(&mut g[r.clone()], acc)
                     } else {
@@ -173,6 +174,12 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         }
     }
 
+    /// Gradient buffer `b` of the plan (this process holds only its own workers' buffers,
+    /// from `buf_base` on).
+    pub(super) fn buf(&self, b: usize) -> &B::Cell<Vec<f32>> {
+        &self.bufs[b - self.buf_base]
+    }
+
     /// Chunk `c` of `sum` = the tree over the blocks' chunks (the program must not be empty).
     pub(super) fn fold_chunk(&self, c: usize, t: &mut TreeLocal) {
         let r = self.sum.chunk_range(c);
@@ -181,7 +188,7 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         // are final after "computed" and only read until "reduced".
         unsafe {
             self.sum.write_chunk(c, |dst| {
-                program.fold(dst, tmp, |i, f| self.bufs[self.plan.block_buf[i]].with(|g| f(&g[r.clone()])))
+                program.fold(dst, tmp, |i, f| self.buf(self.plan.block_buf[i]).with(|g| f(&g[r.clone()])))
             })
         }
     }

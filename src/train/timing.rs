@@ -27,6 +27,11 @@ pub struct WorkerTiming {
     pub reduce: Duration,
     /// AdamW on its chunks.
     pub optimizer: Duration,
+    /// Distributed runs, worker 0: the exchange with the other ranks (results, the top of the
+    /// tree over each owned chunk, the gathered sum and its chunk norms), and the bytes this
+    /// rank sent to the others in it.
+    pub exchange: Duration,
+    pub exchange_bytes: u64,
     /// Micro-batches it computed.
     pub micro_batches: u32,
 }

@@ -61,6 +61,29 @@ impl Trainer {
         Ok(Trainer { model, model_stale: true, batch, seq, opts, inner, step })
     }
 
+    /// As [`Trainer::new`], as one rank of a distributed run over `comm` ([`crate::dist`]):
+    /// `opts.threads` workers on this rank, the segmented strategy only. Every rank must be
+    /// built with the same model, shape and options.
+    pub fn new_distributed(
+        mut model: Model,
+        batch: usize,
+        seq: usize,
+        opts: TrainerOptions,
+        comm: std::sync::Arc<dyn crate::dist::Comm>,
+    ) -> Result<Trainer> {
+        if seq == 0 || seq > model.config.context {
+            bail!("sequence length must be between 1 and the model context {}, got {seq}", model.config.context);
+        }
+        if !(0.0..1.0).contains(&opts.dropout) {
+            bail!("dropout must be in [0, 1), got {}", opts.dropout);
+        }
+        let step = Arc::new(AtomicU64::new(0));
+        let workload = GptWorkload::new(model.config).with_dropout(opts.dropout, opts.dropout_seed, Arc::clone(&step));
+        let params = std::mem::take(&mut model.params);
+        let engine = Engine::distributed(workload, params, (batch, seq), &opts, comm)?;
+        Ok(Trainer { model, model_stale: true, batch, seq, opts, inner: Inner::Spheres(Box::new(engine)), step })
+    }
+
     /// One step over `batch x seq` inputs/targets at learning rate `lr` (the caller owns the
     /// schedule). Returns `Err` on a bad batch, a worker panic, or after
     /// `max_skipped_steps` consecutive steps without a valid micro-batch.
