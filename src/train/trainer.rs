@@ -45,6 +45,21 @@ impl Trainer {
     /// Checks the options (threads in 1..=256, spheres dividing `batch`, `seq` within the
     /// model's context, ...) and starts the workers.
     pub fn new(mut model: Model, batch: usize, seq: usize, opts: TrainerOptions) -> Result<Trainer> {
+        let (workload, params, step) = Self::workload(&mut model, seq, &opts)?;
+        let inner = match opts.strategy {
+            Strategy::Rayon => Inner::Rayon(Box::new(RayonEngine::new(workload, params, batch, seq, &opts)?)),
+            _ => Inner::Spheres(Box::new(Engine::new(workload, params, batch, seq, &opts)?)),
+        };
+        Ok(Trainer { model, model_stale: true, batch, seq, opts, inner, step })
+    }
+
+    /// Checks `seq` and the dropout, and takes the model's weights for the engine, with the
+    /// workload that computes on them and its dropout step counter.
+    fn workload(
+        model: &mut Model,
+        seq: usize,
+        opts: &TrainerOptions,
+    ) -> Result<(GptWorkload, Vec<f32>, Arc<AtomicU64>)> {
         if seq == 0 || seq > model.config.context {
             bail!("sequence length must be between 1 and the model context {}, got {seq}", model.config.context);
         }
@@ -53,12 +68,7 @@ impl Trainer {
         }
         let step = Arc::new(AtomicU64::new(0));
         let workload = GptWorkload::new(model.config).with_dropout(opts.dropout, opts.dropout_seed, Arc::clone(&step));
-        let params = std::mem::take(&mut model.params);
-        let inner = match opts.strategy {
-            Strategy::Rayon => Inner::Rayon(Box::new(RayonEngine::new(workload, params, batch, seq, &opts)?)),
-            _ => Inner::Spheres(Box::new(Engine::new(workload, params, batch, seq, &opts)?)),
-        };
-        Ok(Trainer { model, model_stale: true, batch, seq, opts, inner, step })
+        Ok((workload, std::mem::take(&mut model.params), step))
     }
 
     /// As [`Trainer::new`], as one rank of a distributed run over `comm` ([`crate::dist`]):
@@ -71,15 +81,7 @@ impl Trainer {
         opts: TrainerOptions,
         comm: std::sync::Arc<dyn crate::dist::Comm>,
     ) -> Result<Trainer> {
-        if seq == 0 || seq > model.config.context {
-            bail!("sequence length must be between 1 and the model context {}, got {seq}", model.config.context);
-        }
-        if !(0.0..1.0).contains(&opts.dropout) {
-            bail!("dropout must be in [0, 1), got {}", opts.dropout);
-        }
-        let step = Arc::new(AtomicU64::new(0));
-        let workload = GptWorkload::new(model.config).with_dropout(opts.dropout, opts.dropout_seed, Arc::clone(&step));
-        let params = std::mem::take(&mut model.params);
+        let (workload, params, step) = Self::workload(&mut model, seq, &opts)?;
         let engine = Engine::distributed(workload, params, (batch, seq), &opts, comm)?;
         Ok(Trainer { model, model_stale: true, batch, seq, opts, inner: Inner::Spheres(Box::new(engine)), step })
     }
