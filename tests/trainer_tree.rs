@@ -34,6 +34,15 @@ fn assert_matches(o: &TrainerOptions, oracle: Summation, steps: u64) {
         let rep = eng.step(&b.inputs, &b.targets, 0.01).unwrap();
         let want = reference.step(&b, 0.01);
         assert_eq!(rep.skipped_spheres, want.skipped_spheres, "{o:?} step {step}");
+        // What each micro-batch's own scan found (a fold takes it on the way, and recomputes a
+        // leaf it overwrote before finding another invalid): the same report, bit for bit.
+        let bits = |v: &[(usize, usize, f32)]| v.iter().map(|&(m, i, x)| (m, i, x.to_bits())).collect::<Vec<_>>();
+        let mut injected: Vec<(usize, usize, u32)> =
+            o.inject_nan.iter().filter(|p| p.0 == step).map(|&(_, m)| (m, 0, f32::NAN.to_bits())).collect();
+        injected.sort_unstable();
+        assert_eq!(bits(&rep.bad_values), injected, "{o:?} step {step}");
+        assert_eq!(rep.loss.to_bits(), want.loss.to_bits(), "{o:?} step {step}: loss");
+        assert_eq!(rep.grad_norm.to_bits(), want.grad_norm.to_bits(), "{o:?} step {step}: norm");
         let same = eng.params().iter().zip(&reference.params).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "S={s} N={} step {step}: {:?} vs {:?}", o.threads, eng.params(), reference.params);
         let sum_same = eng.grad_sum().iter().zip(&reference.sum).all(|(a, b)| a.to_bits() == b.to_bits());

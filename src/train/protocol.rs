@@ -208,6 +208,23 @@ impl<B: Backend, W: Workload> Shared<B, W> {
 
     /// Forward + backward of micro-batch `m` into `grad`, then fault injection and the scan.
     pub fn compute_one(&self, m: usize, ctl: &Control, scr: &mut Option<W::Scratch>, grad: &mut [f32]) -> SlotResult {
+        let mut res = self.compute_unscanned(m, ctl, scr, grad);
+        if res.panic.is_none() {
+            self.set_scan(&mut res, grad::scan(grad));
+        }
+        res
+    }
+
+    /// Forward + backward of micro-batch `m` into `grad`, then fault injection; the result's
+    /// scan is still to be taken ([`Shared::set_scan`]). The same bits every time it is called
+    /// for the same step and micro-batch (a fold that lost a leaf recomputes it).
+    pub fn compute_unscanned(
+        &self,
+        m: usize,
+        ctl: &Control,
+        scr: &mut Option<W::Scratch>,
+        grad: &mut [f32],
+    ) -> SlotResult {
         let scratch = scr.get_or_insert_with(|| self.workload.new_scratch(self.rows_per_micro, self.seq));
         // SAFETY: the weights are written only in the update phase (after "reduced") and by the
         // coordinator between steps; the batch only by the coordinator between steps.
@@ -235,9 +252,13 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         if let Some(g) = grad.first_mut().filter(|_| self.inject_nan.contains(&(ctl.step, m))) {
             *g = f32::NAN;
         }
-        let scan = grad::scan(grad);
-        let factor = sphere_factor(&scan, self.clip_norm, self.clip_mode);
-        SlotResult { loss, scan, factor, panic: None }
+        SlotResult { loss, factor: 1.0, ..SlotResult::default() }
+    }
+
+    /// Records a micro-batch's scan in its result, with its per-sphere clip factor.
+    pub fn set_scan(&self, res: &mut SlotResult, scan: grad::Scan) {
+        res.factor = sphere_factor(&scan, self.clip_norm, self.clip_mode);
+        res.scan = scan;
     }
 
     pub fn publish_result(&self, m: usize, res: SlotResult) {

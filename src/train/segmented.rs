@@ -1,14 +1,26 @@
 //! The phases of `segmented`: the summation tree ([`super::tree`]) evaluated by the workers.
 //!
 //! Compute: worker `k` computes its contiguous micro-batches in order, each into the next free
-//! buffer of its own pool (buffers `plan.first_buf[k]..plan.first_buf[k + 1]`), scans it and
-//! applies its per-sphere clip factor; then it pushes the leaf on its [`tree::Counter`] and
-//! merges while the top two entries are siblings, each result into the left one's buffer,
-//! which frees the right one. The merges one leaf sets off form a cascade, folded in one pass
-//! over L1-sized tiles with the same additions ([`Shared::fold_cascade`]). A skipped
-//! micro-batch keeps its buffer but is marked absent, and a merge leaves the other side's sum
-//! unchanged; so the buffers a worker uses, and the one holding each block's sum at the end
-//! (`plan.block_buf`), never depend on which micro-batches are valid.
+//! buffer of its own pool (buffers `plan.first_buf[k]..plan.first_buf[k + 1]`), and pushes the
+//! leaf on its lazy [`tree::Counter`] unmerged. When the pool is empty, before the next leaf,
+//! the counter names a group of entries that forms one tree node; [`Shared`]'s `fold_group`
+//! sums it tile by tile in tree order ([`Program`] over the entries), reading each buffer once
+//! and writing the group's last one (a leaf's), and takes the NaN/Inf scan of every leaf it
+//! reads on the way (the same bits as a scan of its own: [`grad::SqnormAcc`]). At the end of
+//! the range every group is folded and a leaf no fold read is scanned in place, so each
+//! micro-batch is validated alone before its result is published and its sum used.
+//!
+//! A fold can only find a leaf invalid after it has overwritten the destination leaf: it then
+//! recomputes that one leaf (a micro-batch's gradient is a function of the step and its index)
+//! and folds the group again without the invalid leaves, which it only read. This costs a
+//! forward and backward in a step with a NaN/Inf micro-batch, never otherwise. Per-sphere
+//! clipping scales a leaf by a factor of its own norm before it is added, so there each leaf
+//! is scanned (and scaled) right after it is computed and a fold never finds one invalid.
+//!
+//! A skipped micro-batch keeps its buffer but is marked absent, and a fold leaves it out (the
+//! other side's sum stands for the parent); so the buffers a worker uses, and the one holding
+//! each block's sum at the end (`plan.block_buf`), never depend on which micro-batches are
+//! valid.
 //!
 //! Reduce (after "computed"): every worker builds the same [`Program`] from the results (a
 //! block is present when one of its micro-batches is valid), and each chunk's owner folds the
@@ -16,36 +28,55 @@
 //!
 //! Why it holds:
 //! - every leaf is merged exactly once: the counter pushes each micro-batch of the range once
-//!   and a merge turns entries into one, so the blocks partition the range (unit-tested in
-//!   [`super::tree`]), and the program names every present block once;
+//!   and a fold turns a group of entries into one, so the blocks partition the range
+//!   (unit-tested in [`super::tree`]), and the program names every present block once;
 //! - no buffer is reused while it is read: within a worker, a buffer is freed only after the
 //!   fold that read it returned, and the next leaf is computed after that; the reduction reads
 //!   the blocks only between "computed" and "reduced", and the next write to any buffer comes
 //!   after the next "start";
 //! - the top combine starts only after "computed", when every worker's blocks are final;
-//! - a worker never needs more buffers than it has: it holds one per stack entry, and its
-//!   pool is the counter's peak over its range ([`super::tree::peak_buffers`]).
+//! - a worker never needs more buffers than it has: its pool is the eager counter's peak over
+//!   its range ([`super::tree::peak_buffers`]), and the lazy counter folds before it would run
+//!   out (the [`tree::Counter`] doc says why that is always possible).
 
 use super::engine::Local;
 use super::fault::Fault;
-use super::protocol::{Control, Shared};
+use super::protocol::{Control, Shared, SlotResult};
+use super::strategy::ClipMode;
 use super::timing::{Clock, WorkerTiming};
 use super::tree::{self, Op, Program};
 use super::workload::Workload;
-use crate::grad;
+use crate::grad::{self, SqnormAcc};
 use crate::sync::{AtomicUsizeApi, Backend, CellApi};
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
-/// Floats per tile of a merge cascade (16 KiB: stays in L1 beside the streamed buffers).
-const CASCADE_TILE: usize = 4096;
+/// Floats per tile of a fold (16 KiB: stays in L1 beside the streamed buffers).
+const FOLD_TILE: usize = 4096;
+
+/// `dst += src` (the tree's addition) or `dst = src`.
+fn put(dst: &mut [f32], src: &[f32], plus: bool) {
+    if plus {
+        tree::add(dst, src)
+    } else {
+        dst.copy_from_slice(src)
+    }
+}
 
 /// A worker's state for the tree, allocated once.
 #[derive(Debug, Default)]
 pub(super) struct TreeLocal {
     counter: tree::Counter,
-    /// The present buffers of one merge cascade, and the tile it is folded through.
-    cascade: Vec<usize>,
-    tile: Vec<f32>,
+    /// This step's results of the worker's micro-batches, from its range's start; published
+    /// once every one is scanned.
+    pending: Vec<SlotResult>,
+    /// The fold under way: its entries' nodes, its program, the scans it takes on the way, a
+    /// copy of the destination's own tile (read before it is written), and its levels.
+    group: Vec<Range<usize>>,
+    group_program: Program,
+    accs: Vec<Option<SqnormAcc>>,
+    own: Vec<f32>,
+    levels: Vec<f32>,
     /// The reduction's program, and how many valid micro-batches each block has.
     pub(super) program: Program,
     pub(super) valid_in_block: Vec<usize>,
@@ -62,11 +93,15 @@ impl TreeLocal {
         let levels = program.depth().saturating_sub(1);
         TreeLocal {
             counter: tree::Counter::with_capacity(own),
-            cascade: Vec::with_capacity(own + 1),
-            tile: vec![0.0; CASCADE_TILE],
+            pending: Vec::with_capacity(spheres),
+            group: Vec::with_capacity(own),
+            accs: Vec::with_capacity(own),
+            own: vec![0.0; FOLD_TILE],
+            levels: vec![0.0; own.saturating_sub(1) * FOLD_TILE],
             valid_in_block: Vec::with_capacity(plan.blocks.len()),
             tmp: vec![0.0; levels * chunk],
             program,
+            group_program: Program::default(),
         }
     }
 }
@@ -74,31 +109,55 @@ impl TreeLocal {
 impl<B: Backend, W: Workload> Shared<B, W> {
     /// Phase 1 under segmented: worker k's micro-batches, evaluated into its blocks.
     pub(super) fn compute_tree(&self, k: usize, ctl: &Control, local: &mut Local<W>, tm: &mut WorkerTiming) {
-        let t = &mut local.tree;
+        let Local { tree: t, scratch, .. } = local;
         let g = self.first_worker + k;
+        let range = tree::worker_range(self.spheres, self.global_workers, g);
         t.counter.reset(self.plan.first_buf[g]..self.plan.first_buf[g + 1]);
-        for m in tree::worker_range(self.spheres, self.global_workers, g) {
-            let b = t.counter.next_buffer().expect("a worker's pool holds its counter's peak (tree::peak_buffers)");
+        t.pending.clear();
+        // Per-sphere clipping needs a leaf's norm before the leaf is added anywhere.
+        let scan_now = self.clip_mode == ClipMode::PerSphere && self.clip_norm > 0.0;
+        for m in range.clone() {
+            while let Some(r) = t.counter.next_fold(self.spheres, false) {
+                self.fold_group(t, r, range.start, ctl, scratch, tm);
+            }
+            let b = t.counter.next_buffer().expect("a worker's pool holds its counter's peak (tree::Counter)");
             // SAFETY: buffer b belongs to worker k, which alone writes its buffers, in the
             // compute phase; the others read them only between "computed" and "reduced".
             let res = unsafe {
                 self.buf(b).with_mut(|g| {
-                    let res = self.compute_one(m, ctl, &mut local.scratch, g);
-                    if res.valid() && res.factor != 1.0 {
-                        grad::scale(g, res.factor);
+                    if scan_now {
+                        let res = self.compute_one(m, ctl, scratch, g);
+                        if res.valid() && res.factor != 1.0 {
+                            grad::scale(g, res.factor);
+                        }
+                        res
+                    } else {
+                        self.compute_unscanned(m, ctl, scratch, g)
                     }
-                    res
                 })
             };
-            let valid = res.valid();
-            self.publish_result(m, res);
+            // A panicked micro-batch is known absent; the others are present until a scan
+            // says otherwise.
+            let (present, scanned) =
+                if scan_now { (res.valid(), true) } else { (res.panic.is_none(), res.panic.is_some()) };
+            t.counter.push(m, present, scanned);
+            t.pending.push(res);
             tm.micro_batches += 1;
-            let clock = Clock::<B>::start();
-            if let Some(j) = t.counter.push(self.spheres, m, valid) {
-                self.fold_cascade(&t.counter.stack[j..], &mut t.cascade, &mut t.tile);
-                t.counter.collapse(j);
-            }
-            tm.merge += clock.elapsed();
+        }
+        while let Some(r) = t.counter.next_fold(self.spheres, true) {
+            self.fold_group(t, r, range.start, ctl, scratch, tm);
+        }
+        let clock = Clock::<B>::start();
+        for e in t.counter.stack.iter_mut().filter(|e| !e.scanned) {
+            // SAFETY: as above; a leaf no fold read, still this worker's, in the compute phase.
+            let scan = unsafe { self.buf(e.buf).with(|g| grad::scan(g)) };
+            let res = &mut t.pending[e.node.start - range.start];
+            self.set_scan(res, scan);
+            (e.present, e.scanned) = (res.valid(), true);
+        }
+        tm.merge += clock.elapsed();
+        for (i, res) in t.pending.drain(..).enumerate() {
+            self.publish_result(range.start + i, res);
         }
         if self.has_fault(Fault::ArrivalOrderMerge) {
             let slot = self.arrived.fetch_add(1, Ordering::Relaxed);
@@ -107,33 +166,108 @@ impl<B: Backend, W: Workload> Shared<B, W> {
         }
     }
 
-    /// The merges of one cascade `entries` (left to right; each entry's right neighbour is its
-    /// right sibling once the entries after it are merged): the first entry's buffer gets
-    /// `e0 + (e1 + (... + e_last))` over the present entries, the additions of merging the
-    /// last pair first, then each result into its left sibling. Over tiles held in `tile`, so
-    /// each buffer is read once and the first written once (j + 2 passes for j merges, not
-    /// 3j). An absent first entry gets the others' sum copied in; nothing present, nothing done.
-    fn fold_cascade(&self, entries: &[tree::Entry], present: &mut Vec<usize>, tile: &mut [f32]) {
-        present.clear();
-        present.extend(entries[1..].iter().filter(|e| e.present).map(|e| e.buf));
-        let (first, p) = (&entries[0], self.workload.num_params());
-        let Some((&last, mid)) = present.split_last() else { return };
-        for start in (0..p).step_by(tile.len()) {
-            let r = start..(start + tile.len()).min(p);
-            let acc = &mut tile[..r.len()];
-            // SAFETY: the cascade's buffers are this worker's, distinct (one per stack entry),
-            // and written only by it in the compute phase; one cell is accessed at a time.
-            unsafe {
-                self.buf(last).with(|g| acc.copy_from_slice(&g[r.clone()]));
-                for &b in mid.iter().rev() {
-                    self.buf(b).with(|g| tree::add(acc, &g[r.clone()]));
+    /// Folds the counter's entries `r` (one tree node) into the last one's buffer and collapses
+    /// them, taking the scans of the leaves not scanned yet (results `pending`, from `base`).
+    /// If one of those is invalid, recomputes the destination leaf (its values were overwritten)
+    /// and folds again without the invalid ones.
+    fn fold_group(
+        &self,
+        t: &mut TreeLocal,
+        r: Range<usize>,
+        base: usize,
+        ctl: &Control,
+        scratch: &mut Option<W::Scratch>,
+        tm: &mut WorkerTiming,
+    ) {
+        let clock = Clock::<B>::start();
+        let entries = &mut t.counter.stack[r.clone()];
+        let last = entries.len() - 1;
+        let (dst, dst_leaf) = (entries[last].buf, entries[last].node.start);
+        t.group.clear();
+        t.group.extend(entries.iter().map(|e| e.node.clone()));
+        t.accs.clear();
+        t.accs.extend(entries.iter().map(|e| (!e.scanned).then(SqnormAcc::default)));
+        let node = t.group[0].start..t.group[last].end;
+        t.group_program.build_node(node.clone(), &t.group, |i| entries[i].present);
+        let dst_present = entries[last].present;
+        let mut fresh_invalid = false;
+        if !t.group_program.ops.is_empty() {
+            self.fold_tiles(entries, &t.group_program, &mut t.accs, &mut t.own, &mut t.levels);
+            for (i, acc) in t.accs.iter().enumerate() {
+                let Some(acc) = acc else { continue };
+                let (sq, e) = (acc.finish(), &mut entries[i]);
+                let res = &mut t.pending[e.node.start - base];
+                if i == last && !sq.is_finite() {
+                    // Its bad entries are located once it is recomputed, below.
+                    res.scan = grad::Scan { sqnorm: sq, bad: 1, ..grad::Scan::default() };
+                } else {
+                    // SAFETY: an entry other than the last was only read by the fold.
+                    let scan = unsafe { self.buf(e.buf).with(|g| grad::scan_with(sq, g)) };
+                    self.set_scan(res, scan);
                 }
-                self.buf(first.buf).with_mut(|g| {
-                    if first.present {
-                        tree::add(&mut g[r.clone()], acc)
-                    } else {
-                        g[r.clone()].copy_from_slice(acc)
-                    }
+                e.scanned = true;
+                e.present = res.valid();
+                fresh_invalid |= !e.present;
+            }
+        }
+        tm.merge += clock.elapsed();
+        if fresh_invalid {
+            if dst_present {
+                // SAFETY: the destination is this worker's buffer, in the compute phase.
+                let res = unsafe { self.buf(dst).with_mut(|g| self.compute_unscanned(dst_leaf, ctl, scratch, g)) };
+                let scan = unsafe { self.buf(dst).with(|g| grad::scan(g)) };
+                let slot = &mut t.pending[dst_leaf - base];
+                slot.loss = res.loss;
+                self.set_scan(slot, scan);
+                entries[last].present = slot.valid();
+            }
+            let clock = Clock::<B>::start();
+            t.group_program.build_node(node, &t.group, |i| entries[i].present);
+            if !t.group_program.ops.is_empty() {
+                t.accs.iter_mut().for_each(|a| *a = None);
+                self.fold_tiles(entries, &t.group_program, &mut t.accs, &mut t.own, &mut t.levels);
+            }
+            tm.merge += clock.elapsed();
+        }
+        let present = entries.iter().any(|e| e.present);
+        t.counter.collapse(r, present);
+    }
+
+    /// The group `entries`' sum by `program` into the last entry's buffer, tile by tile, each
+    /// entry's tile read once (the last one's copied to `own` first) and fed to its scan in
+    /// `accs` if it has one.
+    fn fold_tiles(
+        &self,
+        entries: &[tree::Entry],
+        program: &Program,
+        accs: &mut [Option<SqnormAcc>],
+        own: &mut [f32],
+        levels: &mut Vec<f32>,
+    ) {
+        let last = entries.len() - 1;
+        let dst = entries[last].buf;
+        let p = self.workload.num_params();
+        for start in (0..p).step_by(own.len()) {
+            let r = start..(start + own.len()).min(p);
+            let own = &mut own[..r.len()];
+            // SAFETY: the group's buffers are this worker's, distinct (one per stack entry), and
+            // written only by it in the compute phase; the destination's tile is copied out
+            // before it is written, and every other cell is only read.
+            unsafe {
+                self.buf(dst).with(|g| match &mut accs[last] {
+                    Some(a) => a.put(own, &g[r.clone()], false),
+                    None => own.copy_from_slice(&g[r.clone()]),
+                });
+                self.buf(dst).with_mut(|d| {
+                    program.fold_into(&mut d[r.clone()], levels, |i, lv, plus| {
+                        if i == last {
+                            return put(lv, own, plus);
+                        }
+                        self.buf(entries[i].buf).with(|g| match &mut accs[i] {
+                            Some(a) => a.put(lv, &g[r.clone()], plus),
+                            None => put(lv, &g[r.clone()], plus),
+                        })
+                    })
                 });
             }
         }

@@ -10,10 +10,12 @@
 //!
 //! How the workers evaluate it (see [`super::protocol`]):
 //! - worker `k` of `N` owns the contiguous micro-batches [`worker_range`]`(S, N, k)`;
-//! - it keeps a stack of tree nodes, each in its own gradient buffer; after each micro-batch it
-//!   pushes the leaf and merges while the top two entries are [`siblings`] (a binary counter).
-//!   A merge adds the right sibling into the left one's buffer, which frees the right one; the
-//!   stack ends as the worker's [`blocks`]: the maximal tree nodes inside its range;
+//! - it keeps a stack of tree nodes, each in its own gradient buffer, pushing each micro-batch's
+//!   leaf unmerged; when its pool is empty it folds a group of entries that forms one node (a
+//!   lazy binary counter, [`Counter`]: the merges of the eager one, where the top two entries
+//!   are merged as soon as they are [`siblings`], done several at a time in one pass), and at
+//!   the end every group: the stack ends as the worker's [`blocks`], the maximal tree nodes
+//!   inside its range;
 //! - after every worker's blocks are final, each chunk's owner evaluates the tree above the
 //!   blocks over that chunk with a [`Program`] (postfix, in tree order), writing the sum into
 //!   the chunk: each block's chunk is read once, the sum written once ([`Program::fold`]).
@@ -122,7 +124,7 @@ pub struct Plan {
     pub block_buf: Vec<usize>,
 }
 
-/// One entry of a [`Counter`]'s stack.
+/// One entry of a [`Counter`]'s stack: a tree node whose sum is held in one buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub node: Range<usize>,
@@ -130,20 +132,35 @@ pub struct Entry {
     pub buf: usize,
     /// False when every leaf below was skipped: the buffer then holds nothing of use.
     pub present: bool,
+    /// False for a leaf whose NaN/Inf scan is still to be taken (in the first fold that reads it).
+    pub scanned: bool,
 }
 
-/// A worker's binary counter over its pool of buffers: the merge schedule, shared by the
-/// protocol and [`Plan`], so that both name the same buffers. Every entry holds a buffer (a
-/// skipped leaf too), so which buffer holds what never depends on which leaves are valid.
+/// A worker's lazy binary counter over its pool of buffers: the merge schedule, shared by the
+/// protocol and [`Plan`], so that both name the same buffers.
+///
+/// Leaves are pushed unmerged; only when the pool is empty, before the next leaf, is a group
+/// folded (the entries that together form one tree node, the logical counter's top entries),
+/// and at the end of the range every group is: each fold reads its entries once and writes
+/// one buffer, so delaying merges folds more leaves per pass. A fold's result goes into its
+/// group's last entry's buffer, always a leaf's (the leaf that completed the node), and frees
+/// the others. The schedule depends on the pushes alone, never on which leaves are valid, so
+/// which buffer holds what is fixed by (S, N).
+///
+/// Why a pool of [`peak_buffers`] is enough: before a leaf is pushed the logical (eager)
+/// counter holds at most `peak - 1` nodes, so a full pool of `peak` entries has a group of at
+/// least two entries to fold, which frees a buffer.
 #[derive(Clone, Debug, Default)]
 pub struct Counter {
     pub stack: Vec<Entry>,
     free: Vec<usize>,
+    /// The groups of `stack`: (first entry, node) of each, left to right (scratch).
+    groups: Vec<(usize, Range<usize>)>,
 }
 
 impl Counter {
     pub fn with_capacity(n: usize) -> Self {
-        Counter { stack: Vec::with_capacity(n + 1), free: Vec::with_capacity(n) }
+        Counter { stack: Vec::with_capacity(n), free: Vec::with_capacity(n), groups: Vec::with_capacity(n) }
     }
 
     /// Starts a step over the pool `bufs` (handed out lowest first).
@@ -153,37 +170,60 @@ impl Counter {
         self.free.extend(bufs.rev());
     }
 
-    /// The buffer the next leaf is computed into (None once the pool is exhausted, which a
-    /// pool of [`peak_buffers`] never is).
+    /// The buffer the next leaf is computed into (None once the pool is exhausted: call
+    /// [`Counter::next_fold`] first, which a pool of [`peak_buffers`] makes enough).
     pub fn next_buffer(&self) -> Option<usize> {
         self.free.last().copied()
     }
 
-    /// Pushes leaf `m` in [`Counter::next_buffer`]; returns the start `j` of the merges it
-    /// sets off: `stack[j..]` are to be folded into one node (then call [`Counter::collapse`]),
-    /// `stack[j + 1]` being `stack[j]`'s right sibling once the later entries are merged.
-    pub fn push(&mut self, spheres: usize, m: usize, present: bool) -> Option<usize> {
+    /// Pushes leaf `m` in [`Counter::next_buffer`] (returned; None if the pool is empty).
+    pub fn push(&mut self, m: usize, present: bool, scanned: bool) -> Option<usize> {
         let buf = self.free.pop()?;
-        self.stack.push(Entry { node: m..m + 1, buf, present });
-        let n = self.stack.len();
-        let (mut j, mut node) = (n - 1, m..m + 1);
-        while j > 0 && siblings(spheres, &self.stack[j - 1].node, &node) {
-            node = self.stack[j - 1].node.start..node.end;
-            j -= 1;
-        }
-        (j < n - 1).then_some(j)
+        self.stack.push(Entry { node: m..m + 1, buf, present, scanned });
+        Some(buf)
     }
 
-    /// Replaces `stack[j..]` by their parent node, in `stack[j]`'s buffer; frees the others.
-    pub fn collapse(&mut self, j: usize) {
-        let end = self.stack.last().map_or(0, |e| e.node.end);
-        let present = self.stack[j..].iter().any(|e| e.present);
-        for e in self.stack.drain(j + 1..) {
+    /// The next fold: the entries `stack[r]` that form one tree node, to be summed into the
+    /// last one's buffer. Before a leaf (`end` false) only when the pool is empty, the group
+    /// with the most entries (the leftmost of those); at the end of the range (`end`) each
+    /// group of two or more entries, left to right. None when nothing is to be folded.
+    pub fn next_fold(&mut self, spheres: usize, end: bool) -> Option<Range<usize>> {
+        if !end && !self.free.is_empty() {
+            return None;
+        }
+        self.groups.clear();
+        for (i, e) in self.stack.iter().enumerate() {
+            self.groups.push((i, e.node.clone()));
+            while let [.., (_, x), (_, y)] = &self.groups[..] {
+                if !siblings(spheres, x, y) {
+                    break;
+                }
+                let node = x.start..y.end;
+                self.groups.pop();
+                if let Some(g) = self.groups.last_mut() {
+                    g.1 = node;
+                }
+            }
+        }
+        let n = self.stack.len();
+        let ranges = (0..self.groups.len())
+            .map(|g| self.groups[g].0..self.groups.get(g + 1).map_or(n, |x| x.0))
+            .filter(|r| r.len() >= 2);
+        if end {
+            ranges.min_by_key(|r| r.start)
+        } else {
+            ranges.rev().max_by_key(|r| r.len())
+        }
+    }
+
+    /// Replaces `stack[r]` by their parent node, in the last one's buffer; frees the others.
+    pub fn collapse(&mut self, r: Range<usize>, present: bool) {
+        let node = self.stack[r.start].node.start..self.stack[r.end - 1].node.end;
+        let buf = self.stack[r.end - 1].buf;
+        for e in self.stack.drain(r.start..r.end - 1) {
             self.free.push(e.buf);
         }
-        let top = &mut self.stack[j];
-        top.node.end = end;
-        top.present = present;
+        self.stack[r.start] = Entry { node, buf, present, scanned: true };
     }
 }
 
@@ -196,9 +236,13 @@ impl Plan {
             plan.first_buf.push(plan.first_buf[k] + peak_buffers(spheres, r.clone()));
             counter.reset(plan.first_buf[k]..plan.first_buf[k + 1]);
             for m in r {
-                if let Some(j) = counter.push(spheres, m, true) {
-                    counter.collapse(j);
+                while let Some(g) = counter.next_fold(spheres, false) {
+                    counter.collapse(g, true);
                 }
+                counter.push(m, true, true).expect("a pool of the counter's peak (the Counter's doc)");
+            }
+            while let Some(g) = counter.next_fold(spheres, true) {
+                counter.collapse(g, true);
             }
             plan.blocks.extend(counter.stack.iter().map(|e| e.node.clone()));
             plan.block_buf.extend(counter.stack.iter().map(|e| e.buf));
@@ -238,6 +282,15 @@ impl Program {
         self.ops.clear();
         if spheres > 0 {
             self.emit(0..spheres, blocks, &present);
+        }
+    }
+
+    /// As [`Program::build`], for the subtree of tree node `node` over `blocks` (a partition of
+    /// it into tree nodes, in order).
+    pub fn build_node(&mut self, node: Range<usize>, blocks: &[Range<usize>], present: impl Fn(usize) -> bool) {
+        self.ops.clear();
+        if !node.is_empty() {
+            self.emit(node, blocks, &present);
         }
     }
 
@@ -285,6 +338,13 @@ impl Program {
     /// and each element's additions are the program's, in its order. The program must not be
     /// empty.
     pub fn fold(&self, dst: &mut [f32], tmp: &mut Vec<f32>, mut src: impl FnMut(usize, &mut dyn FnMut(&[f32]))) {
+        self.fold_into(dst, tmp, |i, lv, plus| src(i, &mut |s| if plus { add(lv, s) } else { lv.copy_from_slice(s) }))
+    }
+
+    /// As [`Program::fold`], where `put(i, level, plus)` itself writes block `i`'s values into
+    /// `level`: added to it (`plus`, with [`add`]'s additions) or copied (so a caller can do
+    /// more in the same pass over the block, such as taking its scan).
+    pub fn fold_into(&self, dst: &mut [f32], tmp: &mut Vec<f32>, mut put: impl FnMut(usize, &mut [f32], bool)) {
         let len = dst.len();
         let need = self.depth().saturating_sub(1) * len;
         if tmp.len() < need {
@@ -295,12 +355,12 @@ impl Program {
             match *op {
                 Op::Push(i) => {
                     let lv = if d == 0 { &mut *dst } else { &mut tmp[(d - 1) * len..d * len] };
-                    src(i, &mut |s| lv.copy_from_slice(s));
+                    put(i, lv, false);
                     d += 1;
                 }
                 Op::AddFrom(i) => {
                     let lv = if d == 1 { &mut *dst } else { &mut tmp[(d - 2) * len..(d - 1) * len] };
-                    src(i, &mut |s| add(lv, s));
+                    put(i, lv, true);
                 }
                 Op::Add => {
                     d -= 1;
@@ -316,10 +376,12 @@ impl Program {
     }
 }
 
-/// `dst += src`, element by element (the tree's one addition).
-pub fn add(dst: &mut [f32], src: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d += *s;
+crate::simd::multiversion! {
+    /// `dst += src`, element by element (the tree's one addition).
+    pub fn add(dst: &mut [f32], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += *s;
+        }
     }
 }
 
@@ -424,6 +486,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn lazy_counter_fits_its_pool_folds_nodes_into_a_leafs_buffer_and_ends_as_the_blocks() {
+        for s in 1..65 {
+            for n in 1..17 {
+                let plan = Plan::new(s, n);
+                for k in 0..n {
+                    let r = worker_range(s, n, k);
+                    let pool = plan.first_buf[k]..plan.first_buf[k + 1];
+                    let mut c = Counter::with_capacity(pool.len());
+                    c.reset(pool.clone());
+                    let (mut used, mut folds) = (0, 0);
+                    let mut fold = |c: &mut Counter, g: Range<usize>| {
+                        let node = c.stack[g.start].node.start..c.stack[g.end - 1].node.end;
+                        assert!(is_node(s, node.start, node.end), "S={s} N={n}: fold over {node:?}");
+                        assert_eq!(c.stack[g.end - 1].node.len(), 1, "S={s} N={n}: a fold ends in a leaf");
+                        c.collapse(g, true);
+                        folds += 1;
+                    };
+                    for m in r.clone() {
+                        while let Some(g) = c.next_fold(s, false) {
+                            fold(&mut c, g);
+                        }
+                        assert!(c.push(m, true, true).is_some(), "S={s} N={n} k={k}: pool exhausted at {m}");
+                        used = used.max(c.stack.len());
+                    }
+                    while let Some(g) = c.next_fold(s, true) {
+                        fold(&mut c, g);
+                    }
+                    assert_eq!(used, pool.len(), "S={s} N={n} k={k}: the whole pool is used");
+                    let nodes: Vec<Range<usize>> = c.stack.iter().map(|e| e.node.clone()).collect();
+                    assert_eq!(nodes, blocks(s, r.clone()), "S={s} N={n} k={k}");
+                    assert!(folds <= r.len().saturating_sub(1));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lazy_counter_folds_a_full_pool_of_four_in_one_pass() {
+        // S = 8 on one worker: a pool of 4; leaves 0..4 fill it, [0, 4) is folded in one pass
+        // into leaf 3's buffer, then [4, 6) to make room for leaf 7, then [0, 8) at the end.
+        let mut c = Counter::with_capacity(4);
+        c.reset(0..4);
+        let mut log = Vec::new();
+        for m in 0..8 {
+            while let Some(g) = c.next_fold(8, false) {
+                log.push((c.stack[g.start].node.start, c.stack[g.end - 1].node.end, g.len()));
+                c.collapse(g, true);
+            }
+            c.push(m, true, false);
+        }
+        while let Some(g) = c.next_fold(8, true) {
+            log.push((c.stack[g.start].node.start, c.stack[g.end - 1].node.end, g.len()));
+            c.collapse(g, true);
+        }
+        assert_eq!(log, vec![(0, 4, 4), (4, 6, 2), (0, 8, 4)]);
+        assert_eq!(c.stack, vec![Entry { node: 0..8, buf: 2, present: true, scanned: true }]);
     }
 
     /// The serial recursive evaluation the program must reproduce.
