@@ -9,7 +9,8 @@
 #
 # CELLS: "config:threads:spheres[:batch] ...", default "seed:1:8 seed:2:8 small:1:8 small:2:8".
 # Each run trains STEPS steps (default 20) with no validation and no checkpoint but the last;
-# tokens/s is cllm's own figure over step time. Needs GNU time (/usr/bin/time).
+# tokens/s is cllm's own figure over step time. TRAIN_ARGS adds flags to every run of both sides
+# (e.g. TRAIN_ARGS="--strategy model-lock"). Needs GNU time (/usr/bin/time).
 set -euo pipefail
 A=$1
 B=$2
@@ -28,7 +29,7 @@ run() { # side bin env cell round
   rm -rf "$out"
   # shellcheck disable=SC2086
   env $envs /usr/bin/time -f "RSS_KB %M" "$bin" train --config "$config" --threads "$threads" --spheres "$spheres" \
-    --batch "$batch" --steps "$STEPS" --val-fraction 0 --save-every 0 --eval-every 0 --out "$out" --quiet --json \
+    --batch "$batch" --steps "$STEPS" --val-fraction 0 --save-every 0 --eval-every 0 --out "$out" --quiet --json ${TRAIN_ARGS:-} \
     >"$tmp/out" 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 1; }
   python3 - "$side" "$cell" "$round" "$tmp/out" "$tmp/err" >>"$tmp/raw" <<'PY'
 import json, re, sys

@@ -102,39 +102,35 @@ impl SqnormAcc {
     }
 }
 
-multiversion! {
-    /// Lane `l` of `acc` adds the square of every element at `l` modulo 8; the remainder past the
-    /// last full group of 8 goes into `tail`, in order (each lane its own chain: the vector width
-    /// changes nothing).
-    fn feed_lanes(acc: &mut [f64; LANES], tail: &mut f64, x: &[f32]) {
-        let chunks = x.chunks_exact(LANES);
-        for v in chunks.remainder() {
-            let v = *v as f64;
-            *tail += v * v;
-        }
-        for c in chunks {
-            for l in 0..LANES {
-                let v = c[l] as f64;
-                acc[l] += v * v;
-            }
+/// Lane `l` of `acc` adds the square of every element at `l` modulo `L`; the remainder past the
+/// last full group of `L` goes into `tail`, in order (each lane its own chain: the vector width
+/// changes nothing).
+#[inline(always)]
+fn feed_squares<const L: usize>(acc: &mut [f64; L], tail: &mut f64, x: &[f32]) {
+    let chunks = x.chunks_exact(L);
+    for v in chunks.remainder() {
+        let v = *v as f64;
+        *tail += v * v;
+    }
+    for c in chunks {
+        for l in 0..L {
+            let v = c[l] as f64;
+            acc[l] += v * v;
         }
     }
 }
 
 multiversion! {
-    /// [`feed_lanes`] over [`SCAN_LANES`] lanes.
+    /// [`feed_squares`] over [`LANES`] lanes (the summed gradient's norm).
+    fn feed_lanes(acc: &mut [f64; LANES], tail: &mut f64, x: &[f32]) {
+        feed_squares(acc, tail, x)
+    }
+}
+
+multiversion! {
+    /// [`feed_squares`] over [`SCAN_LANES`] lanes (a micro-batch's scan).
     fn feed_scan_lanes(acc: &mut [f64; SCAN_LANES], tail: &mut f64, x: &[f32]) {
-        let chunks = x.chunks_exact(SCAN_LANES);
-        for v in chunks.remainder() {
-            let v = *v as f64;
-            *tail += v * v;
-        }
-        for c in chunks {
-            for l in 0..SCAN_LANES {
-                let v = c[l] as f64;
-                acc[l] += v * v;
-            }
-        }
+        feed_squares(acc, tail, x)
     }
 }
 
