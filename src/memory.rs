@@ -90,6 +90,9 @@ pub struct MemoryPlan {
     pub evaluation: u64,
     /// The copies a checkpoint write makes (weights, serialized model and moments).
     pub checkpoint: u64,
+    /// The larger of `evaluation` and `checkpoint`: the training loop validates, drops what the
+    /// validation allocated, then writes checkpoints, so the two never coexist.
+    pub eval_or_checkpoint: u64,
     /// Training data and the token batches.
     pub data: u64,
     pub total: u64,
@@ -137,7 +140,8 @@ impl MemoryPlan {
         let data = mul(tokens, 16, "a batch")?
             .checked_add(shape.data_bytes as u64)
             .ok_or_else(|| err!("memory plan: the size of the data overflows"))?;
-        let parts = [weights, adam_moments, gradients, activations, packings, evaluation, checkpoint, data];
+        let eval_or_checkpoint = evaluation.max(checkpoint);
+        let parts = [weights, adam_moments, gradients, activations, packings, eval_or_checkpoint, data];
         let total = parts
             .iter()
             .try_fold(0u64, |acc, &x| acc.checked_add(x))
@@ -157,6 +161,7 @@ impl MemoryPlan {
             packings,
             evaluation,
             checkpoint,
+            eval_or_checkpoint,
             data,
             total,
         })
@@ -167,7 +172,8 @@ impl MemoryPlan {
         let b = format_bytes;
         format!(
             "memory    {} in all (estimate): weights {}, AdamW moments {}, gradients {} x {} = {}, activations {} \
-             x {} = {}, packed weights {} (one, shared), evaluation {}, checkpoint writes {}, data {}\n",
+             x {} = {}, packed weights {} (one, shared), evaluation {} or checkpoint writes {} (one at a time), \
+             data {}\n",
             b(self.total),
             b(self.weights),
             b(self.adam_moments),
@@ -190,7 +196,7 @@ impl MemoryPlan {
         match available.limit() {
             Some((limit, source)) if self.total > limit => Err(err!(
                 "{what} needs about {} (weights {}, AdamW moments {}, {} gradient buffers {}, {} activation sets {}, \
-                 packed weights {}, evaluation and checkpoints {}, data {}) but only {} is available ({source}); \
+                 packed weights {}, evaluation or checkpoint writes {}, data {}) but only {} is available ({source}); \
                  lower --batch or --threads, or use a smaller --config",
                 format_bytes(self.total),
                 format_bytes(self.weights),
@@ -200,7 +206,7 @@ impl MemoryPlan {
                 self.activation_workers,
                 format_bytes(self.activations),
                 format_bytes(self.packings),
-                format_bytes(self.evaluation.saturating_add(self.checkpoint)),
+                format_bytes(self.eval_or_checkpoint),
                 format_bytes(self.data),
                 format_bytes(limit)
             )),
@@ -281,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn the_total_is_the_sum_of_the_parts() {
+    fn the_total_is_the_training_state_plus_the_larger_of_evaluation_and_checkpoint() {
         let cfg = ModelConfig::tiny();
         for s in Strategy::ALL {
             let p = MemoryPlan::for_run(&cfg, &shape(s, 8, 4, 3)).unwrap();
@@ -290,10 +296,10 @@ mod tests {
                 + p.gradients
                 + p.activations
                 + p.packings
-                + p.evaluation
-                + p.checkpoint
+                + p.evaluation.max(p.checkpoint)
                 + p.data;
             assert_eq!(p.total, parts, "{s}");
+            assert!(p.evaluation > 0 && p.checkpoint > 0 && p.eval_or_checkpoint == p.evaluation.max(p.checkpoint));
             assert_eq!(p.gradients, p.gradient_buffers * p.params * 4);
             assert_eq!(p.activations, p.activation_workers * p.activations_per_worker);
         }
