@@ -7,6 +7,8 @@
 //! repeated until a batch lasts about `BATCH_SECS`; the figure is the median of `BATCHES`
 //! batches, the same protocol as `scripts/torch_gemm.py`.
 //!
+//! `GEMM_ONLY=PREFIX` times only the products whose name starts with PREFIX (e.g. `gpt2`).
+//!
 //! `GEMM_CLOCK=cpu` times with this thread's CPU time instead of the wall clock: for comparing
 //! kernel variants on a busy machine, where time slicing inflates wall time but not CPU time.
 
@@ -79,7 +81,8 @@ fn time_product(mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let simd = cllm::simd::path::current();
-    for s in shapes() {
+    let only = std::env::var("GEMM_ONLY").unwrap_or_default();
+    for s in shapes().into_iter().filter(|s| s.name.starts_with(&only)) {
         let (m, n, k) = (s.m, s.n, s.k);
         let (a, b) = (fill(m * k, 1), fill(k * n, 2));
         // op(A) is m x k: stored [m, k] row-major, or [k, m] when transposed.
