@@ -14,12 +14,16 @@
 # scripts/gpt2_report.py writes results/gpt2_vs_pytorch.md (and .json) and prints the table.
 # Installs PyTorch into .venv if it is absent. A full run (3 x 5 steps) takes about 80 minutes
 # on a 2-core machine; run nothing else beside it.
+#
+# To finish an interrupted run, append to its raw file: RAW=FILE FIRST_ROUND=R (and CONTEXTS,
+# THREADS for the cells R still lacks); the report reads every line of FILE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 STEPS=${2:-5}
 CONTEXTS=${CONTEXTS:-"256 1024"}
 THREADS=${THREADS:-"1 2"}
+FIRST_ROUND=${FIRST_ROUND:-1}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, numpy, safetensors" 2>/dev/null; then
   echo "installing PyTorch into .venv (one time)..." >&2
@@ -32,7 +36,7 @@ cllm=./target/release/cllm
 raw=${RAW:-$(mktemp)}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1), family $(lscpu | sed -n 's/^CPU family: *//p' | head -1) model $(lscpu | sed -n 's/^Model: *//p' | head -1)"
 simd=$($cllm --version | sed -n 's/.*simd \([a-z0-9]*\).*/\1/p')
 
 run_cllm() { # round context threads
@@ -66,7 +70,7 @@ print(json.dumps(d))
 PY
 }
 
-for round in $(seq 1 "$ROUNDS"); do
+for round in $(seq "$FIRST_ROUND" "$ROUNDS"); do
   for context in $CONTEXTS; do
     for threads in $THREADS; do
       echo "round $round: context $context, $threads thread(s) ($(date +%H:%M:%S))" >&2

@@ -41,7 +41,7 @@ def main():
         cells.setdefault((r["context"], r["threads"]), {}).setdefault(r["impl"], []).append(r)
     out = [
         "| context | threads | cllm tokens/s | PyTorch tokens/s | cllm / PyTorch | per-round ratios"
-        " | cllm % of GEMM peak | PyTorch % of GEMM peak | GEMM peak GFLOP/s | cllm peak RSS GB | PyTorch peak RSS GB |",
+        " | cllm % of GEMM peak | PyTorch % of GEMM peak | GEMM peak GFLOP/s | cllm peak RSS GiB | PyTorch peak RSS GiB |",
         "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     summary = []
