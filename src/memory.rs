@@ -60,10 +60,21 @@ pub struct RunShape {
     pub strategy: Strategy,
     /// Bytes of training data held in memory (0 for none).
     pub data_bytes: usize,
-    /// Whether a resumed checkpoint's weights and moments stay in memory during the run.
-    pub resumed: bool,
+    /// What the run loaded from disk that stays in memory beside the training state.
+    pub loaded: Loaded,
     /// Whether the run evaluates and checkpoints (`cllm train`; not `bench`/`profile`).
     pub saves: bool,
+}
+
+/// What a run loaded from disk and keeps beside its own state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// A fresh run: nothing loaded.
+    Nothing,
+    /// `--init-from`: the starting weights (fresh AdamW moments).
+    Weights,
+    /// `--resume`: the checkpoint's weights and both AdamW moments.
+    WeightsAndMoments,
 }
 
 /// What a run will allocate, in bytes (counts where named so).
@@ -109,9 +120,13 @@ impl MemoryPlan {
         let params =
             config.checked_num_params().ok_or_else(|| err!("memory plan: the parameter count overflows"))? as u64;
         let floats = mul(params, 4, "the weights")?;
-        let copies = if shape.resumed { 2 } else { 1 };
-        let weights = mul(floats, copies, "the weights")?;
-        let adam_moments = mul(floats, 2 * copies, "the AdamW moments")?;
+        let (weight_copies, moment_copies) = match shape.loaded {
+            Loaded::Nothing => (1, 1),
+            Loaded::Weights => (2, 1),
+            Loaded::WeightsAndMoments => (2, 2),
+        };
+        let weights = mul(floats, weight_copies, "the weights")?;
+        let adam_moments = mul(floats, 2 * moment_copies, "the AdamW moments")?;
         let buffers = gradient_buffers(shape.strategy, shape.spheres, shape.threads) as u64;
         let gradients = mul(floats, buffers, "the gradient buffers")?;
         let rows = shape.batch / shape.spheres.max(1);
@@ -272,7 +287,16 @@ mod tests {
     use super::*;
 
     fn shape(strategy: Strategy, batch: usize, spheres: usize, threads: usize) -> RunShape {
-        RunShape { batch, context: 64, spheres, threads, strategy, data_bytes: 1000, resumed: false, saves: true }
+        RunShape {
+            batch,
+            context: 64,
+            spheres,
+            threads,
+            strategy,
+            data_bytes: 1000,
+            loaded: Loaded::Nothing,
+            saves: true,
+        }
     }
 
     #[test]
@@ -303,6 +327,20 @@ mod tests {
             assert_eq!(p.gradients, p.gradient_buffers * p.params * 4);
             assert_eq!(p.activations, p.activation_workers * p.activations_per_worker);
         }
+    }
+
+    #[test]
+    fn init_from_holds_a_second_copy_of_the_weights_and_resume_also_of_the_moments() {
+        let cfg = ModelConfig::tiny();
+        let floats = cfg.num_params() as u64 * 4;
+        let fresh = MemoryPlan::for_run(&cfg, &shape(Strategy::Segmented, 8, 4, 2)).unwrap();
+        let with = |loaded| MemoryPlan::for_run(&cfg, &RunShape { loaded, ..shape(Strategy::Segmented, 8, 4, 2) });
+        let init = with(Loaded::Weights).unwrap();
+        let resumed = with(Loaded::WeightsAndMoments).unwrap();
+        assert_eq!((init.weights, init.adam_moments), (2 * floats, 2 * floats));
+        assert_eq!((resumed.weights, resumed.adam_moments), (2 * floats, 4 * floats));
+        assert_eq!(init.total, fresh.total + floats);
+        assert_eq!(resumed.total, fresh.total + 3 * floats);
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub(crate) fn check_memory(
                 threads: t,
                 strategy,
                 data_bytes,
-                resumed: false,
+                loaded: crate::memory::Loaded::Nothing,
                 saves: false,
             };
             let plan = MemoryPlan::for_run(cfg, &shape)?;

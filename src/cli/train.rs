@@ -22,7 +22,7 @@ use crate::data::tokens::{CacheUse, Tokenized, TOKEN_CACHE_FILE};
 use crate::data::{load_corpus, Corpus, DataFormat, DEFAULT_VAL_FRACTION, TINY_SHAKESPEARE_NAME};
 use crate::dist::{Comm, Distributed, BUILD_WITH_MPI, DEFAULT_CHECK_EVERY};
 use crate::generate::SampleOptions;
-use crate::memory::{Available, MemoryPlan, RunShape};
+use crate::memory::{Available, Loaded, MemoryPlan, RunShape};
 use crate::model::Model;
 use crate::signals::StopRequest;
 use crate::tokenizer::{Tokenizer, TOKENIZER_FILE};
@@ -315,7 +315,12 @@ fn resolve(args: &TrainArgs, rank0: bool) -> CliResult<Plan> {
     };
     let (train_len, _) = runner::split_lens(&corpus, tokens.as_ref(), &options)?;
     let token_bytes = tokens.as_ref().map_or(0, |t| t.ids.len() * t.ids.id_bytes());
-    let memory = memory_plan(&model_config, &options, corpus.len() + token_bytes, resumed.is_some() || init.is_some())?;
+    let loaded = match (&resumed, &init) {
+        (Some(_), _) => Loaded::WeightsAndMoments,
+        (None, Some(_)) => Loaded::Weights,
+        (None, None) => Loaded::Nothing,
+    };
+    let memory = memory_plan(&model_config, &options, corpus.len() + token_bytes, loaded)?;
     if let Some(c) = resumed.as_ref().filter(|_| loud) {
         note_new_total(args, c, options.steps);
     }
@@ -497,7 +502,7 @@ fn check_counts(o: &RunOptions) -> CliResult {
 
 /// The run's memory plan, refused (exit 2, nothing allocated) when it exceeds what this process
 /// may allocate.
-fn memory_plan(config: &ModelConfig, o: &RunOptions, data_bytes: usize, resumed: bool) -> CliResult<MemoryPlan> {
+fn memory_plan(config: &ModelConfig, o: &RunOptions, data_bytes: usize, loaded: Loaded) -> CliResult<MemoryPlan> {
     let shape = RunShape {
         batch: o.batch,
         context: o.context,
@@ -505,7 +510,7 @@ fn memory_plan(config: &ModelConfig, o: &RunOptions, data_bytes: usize, resumed:
         threads: o.threads,
         strategy: o.strategy,
         data_bytes,
-        resumed,
+        loaded,
         saves: true,
     };
     let plan = MemoryPlan::for_run(config, &shape).map_err(|e| Failure::usage(e.0))?;
