@@ -45,7 +45,7 @@ use crate::train::MAX_THREADS;
 /// results/ (scripts/bench.sh regenerates those, passing --out).
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Model preset: tiny, small, seed.
+    /// Model preset: tiny, small, seed, gpt2, gpt2-medium (at the preset's context).
     #[arg(long, value_name = "NAME", default_value = DEFAULT_CONFIG)]
     pub config: String,
     /// Thread counts, comma-separated. 1 is always measured: it is the speed-up baseline.

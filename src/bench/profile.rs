@@ -14,7 +14,7 @@ use crate::train::{Strategy, Trainer};
 /// Sample training steps with pprof and write a flamegraph SVG.
 #[derive(Debug, Clone, Args)]
 pub struct ProfileArgs {
-    /// Model preset: tiny, small, seed.
+    /// Model preset: tiny, small, seed, gpt2, gpt2-medium (at the preset's context).
     #[arg(long, value_name = "NAME", default_value = "seed")]
     pub config: String,
     /// Worker threads. [default: number of cores]

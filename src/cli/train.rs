@@ -78,7 +78,8 @@ pub struct TrainArgs {
     pub tokenizer: Option<PathBuf>,
 
     #[arg(long, value_name = "NAME", help_heading = "Model", help = format!(
-        "Model preset: tiny (tests), small, seed (benchmarks). [default: {DEFAULT_CONFIG}]"
+        "Model preset: tiny (tests), small, seed (benchmarks), gpt2 (GPT-2 124M), gpt2-medium (355M). \
+         [default: {DEFAULT_CONFIG}]"
     ))]
     pub config: Option<String>,
     /// Training sequence length, at most the model's context. [default: the model's context]
