@@ -13,6 +13,8 @@
 # the step each side spent in merge, reduce and barrier waits (a binary without a merge phase
 # reports 0 there).
 set -euo pipefail
+# shellcheck source=scripts/ab_rounds.sh
+source "$(dirname "$0")/ab_rounds.sh"
 A=$1
 B=$2
 ROUNDS=${3:-5}
@@ -41,15 +43,7 @@ for c in json.load(open(path))["cells"]:
 PY
 }
 
-for round in $(seq 1 "$ROUNDS"); do
-  for cell in $CELLS; do
-    if [ $((round % 2)) -eq 1 ]; then
-      run A "$A" "${ENV_A:-}" "$cell" "$round"; run B "$B" "${ENV_B:-}" "$cell" "$round"
-    else
-      run B "$B" "${ENV_B:-}" "$cell" "$round"; run A "$A" "${ENV_A:-}" "$cell" "$round"
-    fi
-  done
-done
+ab_rounds
 
 python3 - "$tmp/raw" "$A ${ENV_A:-}" "$B ${ENV_B:-}" "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" <<'PY'
 import json, statistics, sys

@@ -12,6 +12,8 @@
 # tokens/s is cllm's own figure over step time. TRAIN_ARGS adds flags to every run of both sides
 # (e.g. TRAIN_ARGS="--strategy model-lock"). Needs GNU time (/usr/bin/time).
 set -euo pipefail
+# shellcheck source=scripts/ab_rounds.sh
+source "$(dirname "$0")/ab_rounds.sh"
 A=$1
 B=$2
 ROUNDS=${3:-3}
@@ -40,15 +42,7 @@ print(json.dumps({"side": side, "cell": cell, "round": int(rnd), "tps": tps, "rs
 PY
 }
 
-for round in $(seq 1 "$ROUNDS"); do
-  for cell in $CELLS; do
-    if [ $((round % 2)) -eq 1 ]; then
-      run A "$A" "${ENV_A:-}" "$cell" "$round"; run B "$B" "${ENV_B:-}" "$cell" "$round"
-    else
-      run B "$B" "${ENV_B:-}" "$cell" "$round"; run A "$A" "${ENV_A:-}" "$cell" "$round"
-    fi
-  done
-done
+ab_rounds
 
 python3 - "$tmp/raw" "$A ${ENV_A:-}" "$B ${ENV_B:-}" "$(lscpu | sed -n 's/^Model name: *//p' | head -1)" <<'PY'
 import json, statistics, sys

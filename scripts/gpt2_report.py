@@ -13,18 +13,15 @@ context * width, the same count for both sides. The GEMM peak is the best torch.
 the run at that thread count (measured by each PyTorch run). Peak RSS: the largest of the rounds.
 """
 import json
+import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_report import load  # noqa: E402  (the same raw-rows reader)
+
 PARAMS, LAYERS, WIDTH, BATCH = 124_439_808, 12, 768, 8
-
-
-def load(path):
-    text = open(path).read()
-    try:
-        return json.loads(text)["raw"]
-    except (ValueError, KeyError, TypeError):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
 
 
 def main():
@@ -85,8 +82,8 @@ def main():
         "",
     ]
     text = "\n".join(head + out) + "\n"
-    open("results/gpt2_vs_pytorch.md", "w").write(text)
-    json.dump({"cpu": cpu, "cells": summary, "raw": rows}, open("results/gpt2_vs_pytorch.json", "w"), indent=1)
+    open(os.path.join(RESULTS, "gpt2_vs_pytorch.md"), "w").write(text)
+    json.dump({"cpu": cpu, "cells": summary, "raw": rows}, open(os.path.join(RESULTS, "gpt2_vs_pytorch.json"), "w"), indent=1)
     print(text)
 
 
