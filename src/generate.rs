@@ -1,14 +1,16 @@
 //! Sampling text from a model, one byte at a time.
 //!
 //! The model sees at most its context T, so generation keeps a sliding window of the last T
-//! bytes and runs the forward pass on that window only (no cache: the models are small, and a
-//! window recomputed from scratch is trivially the same whatever came before it). Randomness
+//! bytes and runs the forward pass on that window only (no cache: a window recomputed from
+//! scratch is trivially the same whatever came before it), with the output head (final
+//! LayerNorm, logits, softmax) on the last position alone ([`forward_last_position`], the same
+//! bits as that row of a whole forward; the head is a third of a GPT-2 124M forward). Randomness
 //! comes from a seeded [`SplitMix64`], so a seed names the same text on every machine.
 
 use crate::bail;
 use crate::error::Result;
 use crate::model::init::SplitMix64;
-use crate::model::{gpt::forward_with_layout, Activations, Model, PackedWeights, ParamLayout};
+use crate::model::{gpt::forward_last_position, Activations, Model, PackedWeights, ParamLayout};
 use crate::tokenizer::Tokenizer;
 
 /// How to sample.
@@ -112,7 +114,7 @@ impl<'a> Generator<'a> {
     pub fn next_id(&mut self) -> Result<u32> {
         let t = self.window.len();
         let (params, packed) = (&self.model.params, Some(&self.packed));
-        forward_with_layout(&self.layout, params, packed, &mut self.acts, &self.window, None, 1, t);
+        forward_last_position(&self.layout, params, packed, &mut self.acts, &self.window, t);
         let probs = self.acts.probs_at(0, t - 1);
         if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
             bail!("the model's output is not finite (probability {} of token {i} after {t} tokens): its weights have diverged", probs[i]);
@@ -254,6 +256,35 @@ fn argmax(probs: &[f32]) -> usize {
 mod tests {
     use super::*;
     use crate::config::ModelConfig;
+
+    #[test]
+    fn the_last_position_forward_equals_the_whole_window_forward_at_that_position() {
+        use crate::model::gpt::{forward_last_position, forward_with_layout};
+        // `small` has a context over 128, so a window can span several K blocks of attention.
+        for cfg in [ModelConfig::tiny(), ModelConfig::preset("small").unwrap()] {
+            let layout = ParamLayout::new(&cfg);
+            let model = Model::new(cfg, 11);
+            let mut packed = PackedWeights::new(&layout);
+            packed.pack(&layout, &model.params);
+            let ids: Vec<u32> = (0..cfg.context).map(|i| ((i * 37 + 5) % cfg.vocab) as u32).collect();
+            let mut whole = Activations::new(&cfg, 1, cfg.context);
+            let mut last = Activations::new(&cfg, 1, cfg.context);
+            for t in [1, 2, 7, cfg.context / 2 + 3, cfg.context] {
+                for pw in [None, Some(&packed)] {
+                    forward_with_layout(&layout, &model.params, pw, &mut whole, &ids[..t], None, 1, t);
+                    forward_last_position(&layout, &model.params, pw, &mut last, &ids[..t], t);
+                    let (a, b) = (whole.probs_at(0, t - 1), last.probs_at(0, t - 1));
+                    assert!(a.iter().all(|p| p.is_finite() && *p > 0.0));
+                    assert!(
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{} layers, window {t}, packed {}: probabilities differ",
+                        cfg.layers,
+                        pw.is_some()
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn zero_temperature_is_argmax() {

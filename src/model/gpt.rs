@@ -93,6 +93,49 @@ pub fn forward_dropout(
     dropout: Option<Dropout>,
 ) -> f32 {
     load_batch(layout, params, packed, acts, inputs, targets, b, t);
+    let d = body_forward(layout, params, packed, acts, inputs, b, t, dropout);
+    head_forward(layout, params, packed, acts, targets, d)
+}
+
+/// The next-token probabilities after the last of `inputs` [1,t] only, in `acts.probs_at(0,
+/// t - 1)` (the other rows of `acts.probs` are not computed): what sampling needs. The blocks
+/// run as in [`forward_with_layout`], and the final LayerNorm, the logits and the softmax are
+/// row by row there, so this row has the same bits as that call's; the head, a third of a
+/// GPT-2 124M forward over the whole window, is skipped for the other rows.
+pub fn forward_last_position(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    inputs: &[u32],
+    t: usize,
+) {
+    load_batch(layout, params, packed, acts, inputs, None, 1, t);
+    let d = body_forward(layout, params, packed, acts, inputs, 1, t, None);
+    let (c, nc, v) = (d.c, d.n * d.c, layout.config.vocab);
+    let row = t - 1;
+    let last = &residual_after(&acts.blocks, &acts.encoded, nc)[row * c..nc];
+    let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
+    let lnf = &mut acts.lnf[row * c..nc];
+    layernorm_forward(lnf, &mut acts.lnf_mean[row..t], &mut acts.lnf_rstd[row..t], last, lnf_w, lnf_b, 1, c);
+    let (lnf, wte) = (Mat::rows(&acts.lnf[row * c..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
+    let probs = &mut acts.probs[row * v..t * v];
+    gemm_prepacked(1, v, c, probs, v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
+    softmax_forward(probs, 1, v);
+}
+
+/// The embeddings and every block on the batch [`load_batch`] recorded; returns its dims.
+#[allow(clippy::too_many_arguments)]
+fn body_forward(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    acts: &mut Activations,
+    inputs: &[u32],
+    b: usize,
+    t: usize,
+    dropout: Option<Dropout>,
+) -> Dims {
     acts.dropout = dropout;
     let d = Dims::new(&layout.config, b, t);
     let nc = d.n * d.c;
@@ -104,7 +147,7 @@ pub fn forward_dropout(
         let masks = dropout.map(|dr| BlockMasks::new(&dr, l));
         block_forward(&p.of(params), packed.map(|pw| &pw.blocks[l]), &mut rest[0], resid, d, masks);
     }
-    head_forward(layout, params, packed, acts, targets, d)
+    d
 }
 
 /// Checks a forward call's arguments and records the batch in `acts`.
