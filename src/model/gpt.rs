@@ -94,7 +94,7 @@ pub fn forward_dropout(
 ) -> f32 {
     load_batch(layout, params, packed, acts, inputs, targets, b, t);
     let d = body_forward(layout, params, packed, acts, inputs, b, t, dropout);
-    head_forward(layout, params, packed, acts, targets, d)
+    head_forward(layout, params, packed, acts, targets, d, 0)
 }
 
 /// The next-token probabilities after the last of `inputs` [1,t] only, in `acts.probs_at(0,
@@ -112,16 +112,7 @@ pub fn forward_last_position(
 ) {
     load_batch(layout, params, packed, acts, inputs, None, 1, t);
     let d = body_forward(layout, params, packed, acts, inputs, 1, t, None);
-    let (c, nc, v) = (d.c, d.n * d.c, layout.config.vocab);
-    let row = t - 1;
-    let last = &residual_after(&acts.blocks, &acts.encoded, nc)[row * c..nc];
-    let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
-    let lnf = &mut acts.lnf[row * c..nc];
-    layernorm_forward(lnf, &mut acts.lnf_mean[row..t], &mut acts.lnf_rstd[row..t], last, lnf_w, lnf_b, 1, c);
-    let (lnf, wte) = (Mat::rows(&acts.lnf[row * c..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
-    let probs = &mut acts.probs[row * v..t * v];
-    gemm_prepacked(1, v, c, probs, v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
-    softmax_forward(probs, 1, v);
+    head_forward(layout, params, packed, acts, None, d, t - 1);
 }
 
 /// The embeddings and every block on the batch [`load_batch`] recorded; returns its dims.
@@ -244,8 +235,10 @@ fn block_forward(
     add_inplace(&mut a.res3[..nc], res2);
 }
 
-/// The final LayerNorm and the tied output head: lnf[N,C] = ln_f(last residual),
-/// logits[N,V] = lnf · wteᵀ, then probabilities in place and, with targets, the mean loss.
+/// The final LayerNorm and the tied output head on positions `first..N`: lnf = ln_f(last
+/// residual), logits[.., V] = lnf · wteᵀ, then probabilities in place and, with targets (all N;
+/// `first` must be 0), the mean loss. Every step is row by row, so a row gets the same bits
+/// whatever `first` is; the rows before `first` are left as they were.
 fn head_forward(
     layout: &ParamLayout,
     params: &[f32],
@@ -253,17 +246,22 @@ fn head_forward(
     acts: &mut Activations,
     targets: Option<&[u32]>,
     d: Dims,
+    first: usize,
 ) -> f32 {
     let (n, c, nc, v) = (d.n, d.c, d.n * d.c, layout.config.vocab);
-    let last = residual_after(&acts.blocks, &acts.encoded, nc);
+    assert!(first < n && (targets.is_none() || first == 0), "head rows {first}..{n}");
+    let (m, rc) = (n - first, first * c);
+    let last = &residual_after(&acts.blocks, &acts.encoded, nc)[rc..];
     let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
-    layernorm_forward(&mut acts.lnf[..nc], &mut acts.lnf_mean[..n], &mut acts.lnf_rstd[..n], last, lnf_w, lnf_b, n, c);
-    let (lnf, wte) = (Mat::rows(&acts.lnf[..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
-    gemm_prepacked(n, v, c, &mut acts.probs[..n * v], v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
+    let (mean, rstd) = (&mut acts.lnf_mean[first..n], &mut acts.lnf_rstd[first..n]);
+    layernorm_forward(&mut acts.lnf[rc..nc], mean, rstd, last, lnf_w, lnf_b, m, c);
+    let (lnf, wte) = (Mat::rows(&acts.lnf[rc..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
+    let probs = &mut acts.probs[first * v..n * v];
+    gemm_prepacked(m, v, c, probs, v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
     match targets {
-        Some(tg) => softmax_crossentropy_forward(&mut acts.probs[..n * v], &mut acts.losses[..n], tg, n, v),
+        Some(tg) => softmax_crossentropy_forward(probs, &mut acts.losses[..n], tg, n, v),
         None => {
-            softmax_forward(&mut acts.probs[..n * v], n, v);
+            softmax_forward(probs, m, v);
             f32::NAN
         }
     }
