@@ -9,11 +9,14 @@
 //!
 //! `GEMM_ONLY=PREFIX` times only the products whose name starts with PREFIX (e.g. `gpt2`).
 //!
+//! `GEMM_PREPACKED=1` packs B once, outside the timing, and times `gemm_prepacked`: what training
+//! does with a weight (packed once per step, reused by every micro-batch).
+//!
 //! `GEMM_CLOCK=cpu` times with this thread's CPU time instead of the wall clock: for comparing
 //! kernel variants on a busy machine, where time slicing inflates wall time but not CPU time.
 
-use cllm::model::gemm::gemm;
-use cllm::model::kernel::Mat;
+use cllm::model::gemm::{gemm, gemm_prepacked};
+use cllm::model::kernel::{Mat, PackedB};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -82,6 +85,7 @@ fn time_product(mut f: impl FnMut()) -> f64 {
 fn main() {
     let simd = cllm::simd::path::current();
     let only = std::env::var("GEMM_ONLY").unwrap_or_default();
+    let prepacked = std::env::var("GEMM_PREPACKED").is_ok_and(|v| v == "1");
     for s in shapes().into_iter().filter(|s| s.name.starts_with(&only)) {
         let (m, n, k) = (s.m, s.n, s.k);
         let (a, b) = (fill(m * k, 1), fill(k * n, 2));
@@ -89,13 +93,17 @@ fn main() {
         let av = if s.at { Mat::transposed(&a, m) } else { Mat::rows(&a, k) };
         let bv = if s.bt { Mat::transposed(&b, k) } else { Mat::rows(&b, n) };
         let mut c = vec![0.0f32; m * n];
+        let packed = prepacked.then(|| PackedB::pack(k, n, bv));
         let secs = time_product(|| {
-            gemm(m, n, k, &mut c, n, av, bv, false);
+            match &packed {
+                Some(p) => gemm_prepacked(m, n, k, &mut c, n, av, bv, Some(p), false),
+                None => gemm(m, n, k, &mut c, n, av, bv, false),
+            }
             black_box(&mut c);
         });
         let gflops = 2.0 * (m * n * k) as f64 / secs / 1e9;
         println!(
-            "{{\"name\": \"{}\", \"m\": {m}, \"n\": {n}, \"k\": {k}, \"gflops\": {gflops:.2}, \"simd\": \"{simd}\"}}",
+            "{{\"name\": \"{}\", \"m\": {m}, \"n\": {n}, \"k\": {k}, \"gflops\": {gflops:.2}, \"simd\": \"{simd}\", \"prepacked\": {prepacked}}}",
             s.name
         );
     }

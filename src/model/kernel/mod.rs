@@ -377,16 +377,6 @@ fn panel(mc: usize, cols: usize, kc: usize, a: ASrc, b: BTile, c: &mut [f32], c_
 }
 
 /// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the
-/// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the
-#[doc(hidden)]
-pub static EXP_PACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_on(path: Path, m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: Mat, b: Mat) {
-    sgemm_with(m, n, k, c, c_rs, a, b, Init::Zero, None, path)
-}
-
-/// Stops a product asked to run on a path this CPU lacks (only a test can ask for one: the
 /// public entry points pass [`path::current`]), before any unsafe kernel runs.
 #[inline]
 fn check_path(path: Path) {
