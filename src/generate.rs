@@ -1,15 +1,19 @@
-//! Sampling text from a model, one byte at a time.
+//! Sampling text from a model, one byte (or token) at a time.
 //!
 //! The model sees at most its context T, so generation keeps a sliding window of the last T
-//! bytes and runs the forward pass on that window only (no cache: a window recomputed from
-//! scratch is trivially the same whatever came before it), with the output head (final
-//! LayerNorm, logits, softmax) on the last position alone ([`forward_last_position`], the same
-//! bits as that row of a whole forward; the head is a third of a GPT-2 124M forward). Randomness
-//! comes from a seeded [`SplitMix64`], so a seed names the same text on every machine.
+//! tokens. While the window grows, each new token runs through the model as a single row over
+//! a key/value cache ([`KvCache`]: the same bits as recomputing the window up to 256
+//! positions; the prompt itself is read by one whole-window forward, which fills the cache).
+//! Once the window is full it slides, every position moves (positions are absolute), and each
+//! token recomputes the window, with the output head (final LayerNorm, logits, softmax) on the
+//! last position alone ([`forward_last_position`], the same bits as that row of a whole
+//! forward). Randomness comes from a seeded [`SplitMix64`], so a seed names the same text on
+//! every machine.
 
 use crate::bail;
 use crate::error::Result;
 use crate::model::init::SplitMix64;
+use crate::model::kv::KvCache;
 use crate::model::{gpt::forward_last_position, Activations, Model, PackedWeights, ParamLayout};
 use crate::tokenizer::Tokenizer;
 
@@ -52,6 +56,9 @@ pub struct Generator<'a> {
     /// `model.params` packed for the GEMM kernel (the weights are fixed while generating).
     packed: PackedWeights,
     acts: Activations,
+    /// The q|k|v rows of the window's positions but the newest, while the window has not slid
+    /// (`None`: recompute the window for every token).
+    cache: Option<KvCache>,
     window: Vec<u32>,
     rng: SplitMix64,
     opts: SampleOptions,
@@ -96,6 +103,7 @@ impl<'a> Generator<'a> {
             packed,
             layout,
             acts: Activations::new(&model.config, 1, t),
+            cache: Some(KvCache::new(&model.config)),
             window,
             rng: SplitMix64::new(opts.seed),
             opts,
@@ -113,9 +121,20 @@ impl<'a> Generator<'a> {
     /// but diverged weights can overflow the logits) are an error, not a token drawn from NaN.
     pub fn next_id(&mut self) -> Result<u32> {
         let t = self.window.len();
+        let context = self.model.config.context;
         let (params, packed) = (&self.model.params, Some(&self.packed));
-        forward_last_position(&self.layout, params, packed, &mut self.acts, &self.window, t);
-        let probs = self.acts.probs_at(0, t - 1);
+        let probs = match self.cache.as_mut() {
+            // Every position but the newest is cached: run the newest alone.
+            Some(cache) if cache.len() + 1 == t => cache.forward_next(&self.layout, params, packed, self.window[t - 1]),
+            cache => {
+                forward_last_position(&self.layout, params, packed, &mut self.acts, &self.window, t);
+                // The next token joins a window that has not slid yet: start caching from it.
+                if let Some(cache) = cache.filter(|_| t < context) {
+                    cache.fill_from(&self.acts, t);
+                }
+                self.acts.probs_at(0, t - 1)
+            }
+        };
         if let Some(i) = probs.iter().position(|p| !p.is_finite()) {
             bail!("the model's output is not finite (probability {} of token {i} after {t} tokens): its weights have diverged", probs[i]);
         }
@@ -124,11 +143,22 @@ impl<'a> Generator<'a> {
         let probs = &probs[..probs.len().min(self.draw_below)];
         let u = self.rng.next_f64();
         let next = sample_index(probs, self.opts.temperature, self.opts.top_k, u) as u32;
-        if self.window.len() == self.model.config.context {
+        if t == context {
+            // The window slides: every position moves, so nothing cached stays valid.
             self.window.remove(0);
+            if let Some(cache) = self.cache.as_mut() {
+                cache.clear();
+            }
         }
         self.window.push(next);
         Ok(next)
+    }
+
+    /// Recomputes the window for every token instead of caching keys and values (the
+    /// reference the cache is tested against).
+    pub fn without_cache(mut self) -> Self {
+        self.cache = None;
+        self
     }
 }
 
@@ -322,6 +352,24 @@ mod tests {
         let b = generate(&model, b"hello", opts, |_| Ok(())).unwrap();
         assert_eq!(a.len(), 40);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn cached_generation_draws_the_tokens_of_recomputing_the_window_before_and_after_it_slides() {
+        // tiny's context is 16: 40 tokens from a 5-byte prompt slide the window 29 times; a
+        // prompt longer than the context starts full.
+        let model = Model::new(ModelConfig::tiny(), 3);
+        for prompt in [&b"hello"[..], &[b'a'; 30][..], &b"x"[..]] {
+            for temperature in [0.0, 1.0] {
+                let opts = SampleOptions { tokens: 40, temperature, top_k: 0, seed: 9 };
+                let draw = |cached: bool| {
+                    let gen = Generator::new(&model, prompt, opts).unwrap();
+                    let mut gen = if cached { gen } else { gen.without_cache() };
+                    (0..opts.tokens).map(|_| gen.next_byte().unwrap()).collect::<Vec<u8>>()
+                };
+                assert_eq!(draw(true), draw(false), "prompt {prompt:?}, temperature {temperature}");
+            }
+        }
     }
 
     #[test]

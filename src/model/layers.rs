@@ -412,6 +412,14 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// In place: row = softmax(scale · row), the same bits as [`causal_softmax_rows`] gives the
+    /// live part of a row (generation's single-row attention, [`super::kv`]).
+    pub fn softmax_scaled<S>(simd, row: &mut [f32], scale: f32) {
+        softmax_row(simd, row, scale)
+    }
+}
+
+simd_dispatch! {
     /// In place, from dP to dS with the score scale folded in: dS = P ⊙ (dP - rowsum(P ⊙ dP))
     /// · scale on and below the diagonal, zero above.
     fn causal_softmax_backward_rows<S>(simd, p: &[f32], ds: &mut [f32], t: usize, scale: f32) {

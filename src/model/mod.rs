@@ -16,6 +16,7 @@ pub mod gpt;
 pub mod hf;
 pub mod init;
 pub mod kernel;
+pub mod kv;
 pub mod layers;
 pub mod packed;
 pub mod params;
