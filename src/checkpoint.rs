@@ -41,7 +41,10 @@
 //! one is renamed into place and deleted only after, so there is always a whole `best/` (or,
 //! before the first, none). [`list`] and [`prune`] see only `step-*` names, so `--keep` never
 //! deletes `best/`, and a run directory given to eval, generate or `--resume` still means its
-//! newest `step-*`; `OUT/best` is accepted explicitly like any checkpoint directory.
+//! newest `step-*`; `OUT/best` is accepted explicitly like any checkpoint directory. When a
+//! step checkpoint is due at the step `best/` was just written for, [`save_linked`] publishes
+//! it from hard links to `best/`'s files (the same bytes, written once); files are never
+//! rewritten in place, so replacing `best/` later unlinks its names and leaves the step's.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -349,6 +352,41 @@ pub struct Files<'a> {
     pub adam_m: &'a [f32],
     pub adam_v: &'a [f32],
     pub tokenizer: Option<&'a Tokenizer>,
+}
+
+/// Publishes the checkpoint directory `from` (one just written, `OUT/best/` of the same step)
+/// also as `OUT/step-NNNNNN` for `step`, hard-linking its files into the temporary directory
+/// instead of serializing and writing them again: the same bytes, published as atomically as
+/// [`save`] (files are never written in place, so the two names cannot drift apart; replacing
+/// `best/` or pruning the step later unlinks one name only). Returns `Ok(None)`, leaving
+/// nothing behind, where the filesystem refuses a hard link: the caller then saves in full.
+pub fn save_linked(out: &Path, from: &Path, step: u64) -> Result<Option<PathBuf>> {
+    let state = read_state(from)?;
+    if state.step != step {
+        bail!("internal error: {} holds step {}, not {step}", from.display(), state.step);
+    }
+    let name = step_dir_name(step);
+    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| io_err(&tmp, &e))?;
+    let mut linked = true;
+    for file in [MODEL_FILE, OPTIM_FILE, STATE_FILE, hf::CONFIG_FILE, TOKENIZER_FILE] {
+        let src = from.join(file);
+        if file == TOKENIZER_FILE && !src.exists() {
+            continue;
+        }
+        if fs::hard_link(&src, tmp.join(file)).is_err() {
+            linked = false;
+            break;
+        }
+    }
+    let result = if linked { sync_dir(&tmp).and_then(|()| publish(out, &tmp, &name)).map(Some) } else { Ok(None) };
+    if !matches!(result, Ok(Some(_))) {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 /// Writes the checkpoint of `state.step` as `OUT/best/`, replacing the one there atomically

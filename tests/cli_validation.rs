@@ -116,6 +116,28 @@ fn best_holds_the_lowest_periodic_validation_survives_keep_and_resumes() {
 }
 
 #[test]
+fn a_step_checkpoint_that_is_also_best_shares_its_files_and_outlives_best() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    assert_ok(&train(&["--out", s(&out), "--steps", "6", "--eval-every", "3", "--save-every", "3"]));
+    let best = out.join("best");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(best.join("state.json")).unwrap()).unwrap();
+    let step = out.join(format!("step-{:06}", state["step"].as_u64().unwrap()));
+    // Written once: the step directory's files are best/'s, linked (the same inodes).
+    for file in ["model.safetensors", "state.safetensors", "state.json", "config.json"] {
+        let (a, b) = (std::fs::metadata(best.join(file)).unwrap(), std::fs::metadata(step.join(file)).unwrap());
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "{file} of {} is not best/'s", step.display());
+    }
+    // best/ gone (as when a lower validation replaces it), the step checkpoint is whole.
+    std::fs::remove_dir_all(&best).unwrap();
+    assert_ok(&cllm(&["generate", "--checkpoint", s(&step), "--tokens", "5"]));
+    let r = train(&["--resume", s(&step), "--out", s(&dir.path().join("again")), "--steps", "7", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(r["steps"], 7, "{r}");
+}
+
+#[test]
 fn the_hint_after_training_is_a_command_that_runs_as_printed() {
     let dir = tempfile::tempdir().unwrap();
     // Installed: `cllm` found on the PATH; not installed: the path it was run by.

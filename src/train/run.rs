@@ -23,7 +23,7 @@
 //! the same step; every `check_every` steps (and at the start and the end) they compare a hash
 //! of their weights, and all of them fail alike if one differs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::eval::{evaluate, EvalResult};
@@ -247,14 +247,25 @@ fn train_on<T: Token>(spec: &RunSpec, stop: &StopRequest, data: &[T]) -> Result<
         };
         let tokens_per_s = tokens_per_step as f64 / dt.as_secs_f64().max(1e-9);
         reporter.step(&StepOutcome { step, report: &report, lr, val, dt, tokens_per_s })?;
+        let mut best_now = None;
         if let Some(v) = val.filter(|v| v.loss.is_finite() && tally.best.as_ref().is_none_or(|(_, b)| v.loss < b.loss))
         {
             let dir = saver.save(&trainer, &sampler, step, report.loss, Some(v.loss), true)?;
             reporter.saved_best(&dir, step, &v);
+            best_now = Some(dir.clone());
             tally.best = Some((dir, v));
         }
         if writes && due(step, o.save_every, o.steps) {
-            let dir = saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?;
+            // `best/` of this very step holds the same files (its validation is this step's):
+            // link them rather than write them twice (a GPT-2-sized checkpoint is 1.5 GB).
+            let linked = match &best_now {
+                Some(best) => saver.link(best, step)?,
+                None => None,
+            };
+            let dir = match linked {
+                Some(dir) => dir,
+                None => saver.save(&trainer, &sampler, step, report.loss, tally.last_val, false)?,
+            };
             reporter.saved(&dir);
             tally.last_checkpoint = Some(dir);
         }
@@ -430,6 +441,17 @@ impl Saver<'_> {
         }
         let dir = checkpoint::save(&spec.out, state, files)?;
         checkpoint::prune(&spec.out, spec.options.keep)?;
+        Ok(dir)
+    }
+
+    /// Publishes `best`, just saved at `step`, also as that step's checkpoint (hard links,
+    /// [`checkpoint::save_linked`]) and prunes as [`Saver::save`] does; `None` where the
+    /// filesystem has no hard links.
+    fn link(&self, best: &Path, step: u64) -> Result<Option<PathBuf>> {
+        let dir = checkpoint::save_linked(&self.spec.out, best, step)?;
+        if dir.is_some() {
+            checkpoint::prune(&self.spec.out, self.spec.options.keep)?;
+        }
         Ok(dir)
     }
 
