@@ -98,6 +98,32 @@ fn tiny_bench_writes_json_markdown_and_svg() {
 }
 
 #[test]
+fn bench_and_profile_train_at_a_shorter_context_than_the_presets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("short");
+    let args =
+        BenchArgs { threads: vec![1], strategies: vec!["segmented".into()], context: Some(8), ..tiny_args(&out) };
+    run_bench(&args).expect("bench runs");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(out.join("scaling.json")).unwrap()).unwrap();
+    let model = &v["model"];
+    // The model keeps tiny's position table (16); each sequence is 8 tokens.
+    assert_eq!((model["context"].clone(), model["seq"].clone()), (16.into(), 8.into()), "{model}");
+    assert_eq!(model["tokens_per_step"], model["batch"].as_u64().unwrap() * 8);
+    let svg = dir.path().join("p.svg");
+    let profile = ProfileArgs {
+        config: "tiny".into(),
+        threads: Some(1),
+        steps: 2,
+        context: Some(8),
+        out: Some(svg.clone()),
+        quiet: true,
+        ..ProfileArgs::default()
+    };
+    assert!(run_profile(&profile).expect("profile runs").samples > 0);
+    assert!(svg.exists());
+}
+
+#[test]
 fn bad_bench_options_are_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
     let base = tiny_args(dir.path());
@@ -110,6 +136,8 @@ fn bad_bench_options_are_errors() {
         (BenchArgs { config: "huge".into(), ..base.clone() }, "--config"),
         (BenchArgs { steps: 0, ..base.clone() }, "--steps"),
         (BenchArgs { batch: Some(0), ..base.clone() }, "--batch"),
+        (BenchArgs { context: Some(0), ..base.clone() }, "--context"),
+        (BenchArgs { context: Some(17), ..base.clone() }, "--context"),
     ];
     for (args, flag) in cases {
         assert!(check_bench_args(&args).is_err(), "{flag} checked up front");
@@ -132,6 +160,7 @@ fn bad_profile_options_are_errors() {
         (ProfileArgs { steps: 0, ..base.clone() }, "--steps"),
         (ProfileArgs { min_seconds: -1.0, ..base.clone() }, "--min-seconds"),
         (ProfileArgs { min_seconds: f64::NAN, ..base.clone() }, "--min-seconds"),
+        (ProfileArgs { context: Some(17), ..base.clone() }, "--context"),
     ] {
         assert!(check_profile_args(&args).is_err(), "{flag} checked up front");
         let e = run_profile(&args).expect_err(flag);

@@ -45,7 +45,7 @@ use crate::train::MAX_THREADS;
 /// results/ (scripts/bench.sh regenerates those, passing --out).
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Model preset: tiny, small, seed, gpt2, gpt2-medium (at the preset's context).
+    /// Model preset: tiny, small, seed, gpt2, gpt2-medium.
     #[arg(long, value_name = "NAME", default_value = DEFAULT_CONFIG)]
     pub config: String,
     /// Thread counts, comma-separated. 1 is always measured: it is the speed-up baseline.
@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Sequences per step. [default: the preset's]
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
+    /// Tokens per sequence, at most the preset's context (the model keeps the preset's
+    /// position table, as `train --context` does). [default: the preset's context]
+    #[arg(long, value_name = "T")]
+    pub context: Option<usize>,
     #[arg(long, value_name = "N", help = format!(
         "Spheres (microbatches per step). [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
     ))]
@@ -118,22 +122,31 @@ pub(crate) struct Plan {
     strategies: Vec<(String, Strategy)>,
 }
 
-/// Resolves a preset name and batch, with errors naming the flag.
-pub(crate) fn resolve_config(name: &str, batch: Option<usize>) -> Result<(ModelConfig, usize)> {
+/// Resolves a preset name, batch and sequence length (`context`, at most the preset's), with
+/// errors naming the flag: (config, batch, sequence length).
+pub(crate) fn resolve_config(
+    name: &str,
+    batch: Option<usize>,
+    context: Option<usize>,
+) -> Result<(ModelConfig, usize, usize)> {
     let cfg = ModelConfig::preset(name)
         .ok_or_else(|| crate::err!("--config: unknown preset {name:?} (expected one of {})", PRESETS.join(", ")))?;
+    let seq = context.unwrap_or(cfg.context);
+    if seq == 0 || seq > cfg.context {
+        crate::bail!("--context: {seq} is outside 1..={} (the context of {name})", cfg.context);
+    }
     let batch = match batch {
         Some(0) => crate::bail!("--batch: must be at least 1"),
         Some(b) => b,
         None => ModelConfig::preset_batch(name).unwrap_or(8),
     };
-    let max_batch = MAX_BATCH.min(MAX_TOKENS_PER_STEP / cfg.context);
+    let max_batch = MAX_BATCH.min(MAX_TOKENS_PER_STEP / seq);
     if batch > max_batch {
         crate::bail!(
-            "--batch: {batch} is too large for {name} (at most {max_batch}: {MAX_TOKENS_PER_STEP} tokens a step)"
+            "--batch: {batch} is too large for {name} at context {seq} (at most {max_batch}: {MAX_TOKENS_PER_STEP} tokens a step)"
         );
     }
-    Ok((cfg, batch))
+    Ok((cfg, batch, seq))
 }
 
 /// Most timed (and, separately, warmup) steps of a bench cell or a profile run: the batches of
@@ -160,6 +173,7 @@ pub(crate) fn check_steps(steps: usize, warmup: usize) -> Result<()> {
 pub(crate) fn check_memory(
     cfg: &ModelConfig,
     batch: usize,
+    seq: usize,
     spheres: Option<usize>,
     threads: &[usize],
     strategies: &[Strategy],
@@ -167,14 +181,14 @@ pub(crate) fn check_memory(
 ) -> Result<()> {
     let spheres = crate::train::resolve_spheres(spheres.unwrap_or(0), batch);
     // Inputs and targets, u32 each, of every pre-made batch.
-    let data = batches.checked_mul(batch).and_then(|n| n.checked_mul(cfg.context)).and_then(|n| n.checked_mul(8));
+    let data = batches.checked_mul(batch).and_then(|n| n.checked_mul(seq)).and_then(|n| n.checked_mul(8));
     let data_bytes = data.ok_or_else(|| crate::err!("memory plan: the size of the batches overflows"))?;
     let mut largest: Option<MemoryPlan> = None;
     for &strategy in strategies {
         for &t in threads {
             let shape = RunShape {
                 batch,
-                context: cfg.context,
+                context: seq,
                 spheres,
                 threads: t,
                 strategy,
@@ -207,7 +221,7 @@ pub(crate) fn check_threads(flag: &str, t: usize) -> Result<()> {
 }
 
 pub(crate) fn plan(args: &BenchArgs) -> Result<Plan> {
-    let (cfg, batch) = resolve_config(&args.config, args.batch)?;
+    let (cfg, batch, seq) = resolve_config(&args.config, args.batch, args.context)?;
     check_steps(args.steps, args.warmup)?;
     if args.threads.is_empty() {
         crate::bail!("--threads: give at least one thread count");
@@ -232,8 +246,8 @@ pub(crate) fn plan(args: &BenchArgs) -> Result<Plan> {
         }
     }
     let chosen: Vec<Strategy> = strategies.iter().map(|(_, s)| *s).collect();
-    check_memory(&cfg, batch, args.spheres, &threads, &chosen, args.warmup + args.steps)?;
-    Ok(Plan { name: args.config.clone(), cfg, batch, seq: cfg.context, threads, strategies })
+    check_memory(&cfg, batch, seq, args.spheres, &threads, &chosen, args.warmup + args.steps)?;
+    Ok(Plan { name: args.config.clone(), cfg, batch, seq, threads, strategies })
 }
 
 /// The inputs and targets of every step of a cell: the same for every cell, so the cells do

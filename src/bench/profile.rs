@@ -14,7 +14,7 @@ use crate::train::{Strategy, Trainer};
 /// Sample training steps with pprof and write a flamegraph SVG.
 #[derive(Debug, Clone, Args)]
 pub struct ProfileArgs {
-    /// Model preset: tiny, small, seed, gpt2, gpt2-medium (at the preset's context).
+    /// Model preset: tiny, small, seed, gpt2, gpt2-medium.
     #[arg(long, value_name = "NAME", default_value = "seed")]
     pub config: String,
     /// Worker threads. [default: number of cores]
@@ -39,6 +39,9 @@ pub struct ProfileArgs {
     /// Sequences per step. [default: the preset's]
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
+    /// Tokens per sequence, at most the preset's context. [default: the preset's context]
+    #[arg(long, value_name = "T")]
+    pub context: Option<usize>,
     #[arg(long, value_name = "N", help = format!(
         "Spheres (microbatches per step). [default: the largest divisor of the batch up to {MAX_DEFAULT_SPHERES}]"
     ))]
@@ -73,6 +76,8 @@ pub fn profile_out(args: &ProfileArgs) -> Result<PathBuf> {
 /// The validated settings of a profile run.
 struct Resolved {
     cfg: crate::config::ModelConfig,
+    /// Tokens per sequence.
+    seq: usize,
     batch: usize,
     threads: usize,
     strategy: Strategy,
@@ -80,7 +85,7 @@ struct Resolved {
 }
 
 fn resolve(args: &ProfileArgs) -> Result<Resolved> {
-    let (cfg, batch) = resolve_config(&args.config, args.batch)?;
+    let (cfg, batch, seq) = resolve_config(&args.config, args.batch, args.context)?;
     let threads = args.threads.unwrap_or_else(super::machine::logical_cores);
     check_threads("--threads", threads)?;
     super::check_steps(args.steps, args.warmup)?;
@@ -94,12 +99,12 @@ fn resolve(args: &ProfileArgs) -> Result<Resolved> {
         Some(s) => parse_strategy("--strategy", s)?,
         None => Strategy::default(),
     };
-    super::check_memory(&cfg, batch, args.spheres, &[threads], &[strategy], args.warmup + args.steps)?;
+    super::check_memory(&cfg, batch, seq, args.spheres, &[threads], &[strategy], args.warmup + args.steps)?;
     let out = profile_out(args)?;
     if out.is_dir() {
         crate::bail!("--out {}: is a directory", out.display());
     }
-    Ok(Resolved { cfg, batch, threads, strategy, out })
+    Ok(Resolved { cfg, batch, seq, threads, strategy, out })
 }
 
 /// Checks the options without running anything (usage errors for the CLI).
@@ -122,12 +127,11 @@ pub struct ProfileSummary {
 /// sampler, and writes the flamegraph atomically. A run that collected no samples is an error
 /// (an empty flamegraph would look like a result).
 pub fn run_profile(args: &ProfileArgs) -> Result<ProfileSummary> {
-    let Resolved { cfg, batch, threads, strategy, out } = resolve(args)?;
+    let Resolved { cfg, batch, seq, threads, strategy, out } = resolve(args)?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| crate::err!("cannot create {}: {e}", dir.display()))?;
     }
 
-    let seq = cfg.context;
     let data = batches(batch, seq, args.warmup + args.steps)?;
     let mut trainer =
         Trainer::new(Model::new(cfg, SEED), batch, seq, trainer_options(strategy, threads, args.spheres))?;
