@@ -3,10 +3,10 @@
 //!
 //! Sampling needs the next-token distribution after the newest token only. Recomputing the
 //! whole window for every token costs a forward over all of it (quadratic in its length);
-//! with this cache each block keeps the q|k|v rows ([T, 3C], the layout of
-//! [`BlockActs::qkv`](super::activations::BlockActs)) of the positions seen so far, and the newest position runs
-//! through the blocks as a single row: its q|k|v row is appended, and its attention reads the
-//! cached keys and values.
+//! with this cache each block keeps the q|k|v rows ([T, 3C], the layout of a block's
+//! [`qkv`](super::activations::BlockActs::qkv) activations) of the positions seen so far, and
+//! the newest position runs through the blocks as a single row: its q|k|v row is appended, and
+//! its attention reads the cached keys and values.
 //!
 //! **The same bits as recomputing the window**, up to a window of 256 positions (tested).
 //! Every layer but attention is row by row (LayerNorm, the linear layers, whose per-element
