@@ -358,12 +358,16 @@ mod tests {
     fn cached_generation_draws_the_tokens_of_recomputing_the_window_before_and_after_it_slides() {
         // tiny's context is 16: 40 tokens from a 5-byte prompt slide the window 29 times; a
         // prompt longer than the context starts full.
-        let model = Model::new(ModelConfig::tiny(), 3);
-        for prompt in [&b"hello"[..], &[b'a'; 30][..], &b"x"[..]] {
+        let tiny = Model::new(ModelConfig::tiny(), 3);
+        // A context of one position: the window slides at every token.
+        let one = Model::new(ModelConfig { vocab: 256, layers: 1, heads: 1, embed: 8, context: 1 }, 3);
+        for (model, prompt) in
+            [(&tiny, &b"hello"[..]), (&tiny, &[b'a'; 30][..]), (&tiny, &b"x"[..]), (&one, &b"ab"[..])]
+        {
             for temperature in [0.0, 1.0] {
                 let opts = SampleOptions { tokens: 40, temperature, top_k: 0, seed: 9 };
                 let draw = |cached: bool| {
-                    let gen = Generator::new(&model, prompt, opts).unwrap();
+                    let gen = Generator::new(model, prompt, opts).unwrap();
                     let mut gen = if cached { gen } else { gen.without_cache() };
                     (0..opts.tokens).map(|_| gen.next_byte().unwrap()).collect::<Vec<u8>>()
                 };
