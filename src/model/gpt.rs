@@ -37,7 +37,7 @@ impl Dims {
 }
 
 /// One block's weights, as views of the parameters.
-type BlockWeights<'a> = BlockTensors<&'a [f32]>;
+pub(super) type BlockWeights<'a> = BlockTensors<&'a [f32]>;
 
 /// The residual stream entering block `blocks.len()`: the last block's output, or the
 /// embeddings when there is none.
@@ -183,7 +183,7 @@ fn load_batch(
 
 /// One block's dropout masks.
 #[derive(Clone, Copy)]
-struct BlockMasks {
+pub(super) struct BlockMasks {
     probs: Mask,
     proj: Mask,
     mlp: Mask,
@@ -210,29 +210,81 @@ fn block_forward(
     d: Dims,
     masks: Option<BlockMasks>,
 ) {
-    let (n, c, nc) = (d.n, d.c, d.n * d.c);
-    // ln1[N,C], qkv[N,3C], atty[N,C] (att[B,NH,T,T] saved), res2[N,C]
-    layernorm_forward(&mut a.ln1[..nc], &mut a.ln1_mean[..n], &mut a.ln1_rstd[..n], resid, w.ln1_w, w.ln1_b, n, c);
-    linear_forward(&mut a.qkv[..3 * nc], &a.ln1[..nc], w.qkv_w, pk.map(|k| &k.qkv.fwd), w.qkv_b, n, c, 3 * c);
+    let (n, nc) = (d.n, d.n * d.c);
+    let rows = BlockRows {
+        ln1: &mut a.ln1[..nc],
+        ln1_mean: &mut a.ln1_mean[..n],
+        ln1_rstd: &mut a.ln1_rstd[..n],
+        atty: &mut a.atty[..nc],
+        res2: &mut a.res2[..nc],
+        ln2: &mut a.ln2[..nc],
+        ln2_mean: &mut a.ln2_mean[..n],
+        ln2_rstd: &mut a.ln2_rstd[..n],
+        fch: &mut a.fch[..4 * nc],
+        fch_gelu: &mut a.fch_gelu[..4 * nc],
+        res3: &mut a.res3[..nc],
+    };
+    // att[B,NH,T,T] saved for the backward pass.
     let (att, probs) = (&mut a.att[..d.att()], masks.map(|m| m.probs));
-    attention_forward_dropout(&mut a.atty[..nc], att, &a.qkv[..3 * nc], d.b, d.t, c, d.nh, probs);
-    linear_forward(&mut a.res2[..nc], &a.atty[..nc], w.proj_w, pk.map(|k| &k.proj.fwd), w.proj_b, n, c, c);
+    block_rows(w, pk, rows, &mut a.qkv[..3 * nc], 0, resid, n, d.c, masks, |atty, qkv| {
+        attention_forward_dropout(atty, att, qkv, d.b, d.t, d.c, d.nh, probs)
+    });
+}
+
+/// One block's buffers for the `n` rows a pass computes: views of a [`BlockActs`], or
+/// generation's single new row ([`super::kv`]).
+pub(super) struct BlockRows<'a> {
+    pub ln1: &'a mut [f32],
+    pub ln1_mean: &'a mut [f32],
+    pub ln1_rstd: &'a mut [f32],
+    pub atty: &'a mut [f32],
+    pub res2: &'a mut [f32],
+    pub ln2: &'a mut [f32],
+    pub ln2_mean: &'a mut [f32],
+    pub ln2_rstd: &'a mut [f32],
+    pub fch: &'a mut [f32],
+    pub fch_gelu: &'a mut [f32],
+    pub res3: &'a mut [f32],
+}
+
+/// A block's steps, all row by row but `attend`: `resid` [n,C] in, `a.res3` [n,C] out. The
+/// q|k|v of the `n` rows go to rows `first..first + n` of `qkv` [.., 3C]; `attend(atty, qkv)`
+/// then writes the attention output [n,C] from the whole of `qkv` (a pass's own rows, or the
+/// rows generation cached before them).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn block_rows(
+    w: &BlockWeights,
+    pk: Option<&PackedBlock>,
+    a: BlockRows,
+    qkv: &mut [f32],
+    first: usize,
+    resid: &[f32],
+    n: usize,
+    c: usize,
+    masks: Option<BlockMasks>,
+    attend: impl FnOnce(&mut [f32], &[f32]),
+) {
+    // ln1[n,C], qkv[n,3C], atty[n,C], res2[n,C]
+    layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, resid, w.ln1_w, w.ln1_b, n, c);
+    let new_qkv = &mut qkv[first * 3 * c..(first + n) * 3 * c];
+    linear_forward(new_qkv, a.ln1, w.qkv_w, pk.map(|k| &k.qkv.fwd), w.qkv_b, n, c, 3 * c);
+    attend(a.atty, qkv);
+    linear_forward(a.res2, a.atty, w.proj_w, pk.map(|k| &k.proj.fwd), w.proj_b, n, c, c);
     if let Some(m) = masks {
-        m.proj.apply(&mut a.res2[..nc], 0);
+        m.proj.apply(a.res2, 0);
     }
-    add_inplace(&mut a.res2[..nc], resid);
-    // ln2[N,C], fch[N,4C], fch_gelu[N,4C], res3[N,C]
-    let res2 = &a.res2[..nc];
-    layernorm_forward(&mut a.ln2[..nc], &mut a.ln2_mean[..n], &mut a.ln2_rstd[..n], res2, w.ln2_w, w.ln2_b, n, c);
-    linear_forward(&mut a.fch[..4 * nc], &a.ln2[..nc], w.fc_w, pk.map(|k| &k.fc.fwd), w.fc_b, n, c, 4 * c);
+    add_inplace(a.res2, resid);
+    // ln2[n,C], fch[n,4C], fch_gelu[n,4C], res3[n,C]
+    layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, w.ln2_w, w.ln2_b, n, c);
+    linear_forward(a.fch, a.ln2, w.fc_w, pk.map(|k| &k.fc.fwd), w.fc_b, n, c, 4 * c);
     // fch now holds GELU'(c_fc output): all the backward pass needs of it.
-    gelu_forward_saving_grad(&mut a.fch_gelu[..4 * nc], &mut a.fch[..4 * nc]);
+    gelu_forward_saving_grad(a.fch_gelu, a.fch);
     let fcproj = pk.map(|k| &k.fcproj.fwd);
-    linear_forward(&mut a.res3[..nc], &a.fch_gelu[..4 * nc], w.fcproj_w, fcproj, w.fcproj_b, n, 4 * c, c);
+    linear_forward(a.res3, a.fch_gelu, w.fcproj_w, fcproj, w.fcproj_b, n, 4 * c, c);
     if let Some(m) = masks {
-        m.mlp.apply(&mut a.res3[..nc], 0);
+        m.mlp.apply(a.res3, 0);
     }
-    add_inplace(&mut a.res3[..nc], res2);
+    add_inplace(a.res3, a.res2);
 }
 
 /// The final LayerNorm and the tied output head on positions `first..N`: lnf = ln_f(last
@@ -252,12 +304,9 @@ fn head_forward(
     assert!(first < n && (targets.is_none() || first == 0), "head rows {first}..{n}");
     let (m, rc) = (n - first, first * c);
     let last = &residual_after(&acts.blocks, &acts.encoded, nc)[rc..];
-    let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
     let (mean, rstd) = (&mut acts.lnf_mean[first..n], &mut acts.lnf_rstd[first..n]);
-    layernorm_forward(&mut acts.lnf[rc..nc], mean, rstd, last, lnf_w, lnf_b, m, c);
-    let (lnf, wte) = (Mat::rows(&acts.lnf[rc..nc], c), Mat::transposed(&params[layout.wte.clone()], c));
     let probs = &mut acts.probs[first * v..n * v];
-    gemm_prepacked(m, v, c, probs, v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
+    head_logits(layout, params, packed, last, &mut acts.lnf[rc..nc], mean, rstd, probs, m);
     match targets {
         Some(tg) => softmax_crossentropy_forward(probs, &mut acts.losses[..n], tg, n, v),
         None => {
@@ -265,6 +314,27 @@ fn head_forward(
             f32::NAN
         }
     }
+}
+
+/// The final LayerNorm of `m` rows of the last residual `resid` [m,C] into `lnf` (with its
+/// `mean`, `rstd` [m]) and their tied-head logits lnf · wteᵀ into `logits` [m,V].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn head_logits(
+    layout: &ParamLayout,
+    params: &[f32],
+    packed: Option<&PackedWeights>,
+    resid: &[f32],
+    lnf: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    logits: &mut [f32],
+    m: usize,
+) {
+    let (c, v) = (layout.config.embed, layout.config.vocab);
+    let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
+    layernorm_forward(lnf, mean, rstd, resid, lnf_w, lnf_b, m, c);
+    let (lnf, wte) = (Mat::rows(lnf, c), Mat::transposed(&params[layout.wte.clone()], c));
+    gemm_prepacked(m, v, c, logits, v, lnf, wte, packed.map(|pw| &pw.head.fwd), false);
 }
 
 /// Overwrites `grads` with d(mean loss)/d(params) for the last [`forward`] call (which must

@@ -5,8 +5,9 @@
 //! whole window for every token costs a forward over all of it (quadratic in its length);
 //! with this cache each block keeps the q|k|v rows ([T, 3C], the layout of a block's
 //! [`qkv`](super::activations::BlockActs::qkv) activations) of the positions seen so far, and
-//! the newest position runs through the blocks as a single row: its q|k|v row is appended, and
-//! its attention reads the cached keys and values.
+//! the newest position runs through the blocks as a single row, by the same code as a training
+//! pass ([`block_rows`], [`head_logits`]): its q|k|v row is appended, and its attention reads
+//! the cached keys and values.
 //!
 //! **The same bits as recomputing the window**, up to a window of 256 positions (tested).
 //! Every layer but attention is row by row (LayerNorm, the linear layers, whose per-element
@@ -24,16 +25,15 @@
 //! every position moves, so the caller drops the cache and recomputes the window per token.
 
 use super::activations::Activations;
-use super::gemm::{gemm, gemm_prepacked};
+use super::gemm::gemm;
+use super::gpt::{block_rows, head_logits, BlockRows};
 use super::kernel::Mat;
-use super::layers::{
-    add_inplace, gelu_forward_saving_grad, layernorm_forward, linear_forward, softmax_forward, softmax_scaled,
-};
+use super::layers::{softmax_forward, softmax_scaled};
 use super::packed::PackedWeights;
 use super::params::ParamLayout;
 use crate::config::ModelConfig;
 
-/// Each block's q|k|v rows of the positions seen, and one row's scratch.
+/// Each block's q|k|v rows of the positions seen, and one row's buffers.
 pub struct KvCache {
     config: ModelConfig,
     /// Per block, [T, 3C]: rows `0..len` are valid.
@@ -41,18 +41,62 @@ pub struct KvCache {
     len: usize,
     /// The residual stream of the new row [C].
     x: Vec<f32>,
-    /// A LayerNorm output, then the attention output [C].
-    ln: Vec<f32>,
-    atty: Vec<f32>,
-    /// A linear layer's output before it joins the residual [C].
-    out: Vec<f32>,
-    /// c_fc's output (then GELU') and GELU's [4C].
-    fch: Vec<f32>,
-    fch_gelu: Vec<f32>,
+    /// A block's buffers for the new row ([`BlockRows`]), and the final LayerNorm's [C].
+    row: RowBufs,
+    lnf: Vec<f32>,
     /// One head's scores, then probabilities [T].
     scores: Vec<f32>,
     /// The next-token probabilities [V].
     probs: Vec<f32>,
+}
+
+/// The buffers of [`BlockRows`] for one row.
+struct RowBufs {
+    ln1: Vec<f32>,
+    ln1_mean: [f32; 1],
+    ln1_rstd: [f32; 1],
+    atty: Vec<f32>,
+    res2: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_mean: [f32; 1],
+    ln2_rstd: [f32; 1],
+    fch: Vec<f32>,
+    fch_gelu: Vec<f32>,
+    res3: Vec<f32>,
+}
+
+impl RowBufs {
+    fn new(c: usize) -> Self {
+        RowBufs {
+            ln1: vec![0.0; c],
+            ln1_mean: [0.0],
+            ln1_rstd: [0.0],
+            atty: vec![0.0; c],
+            res2: vec![0.0; c],
+            ln2: vec![0.0; c],
+            ln2_mean: [0.0],
+            ln2_rstd: [0.0],
+            fch: vec![0.0; 4 * c],
+            fch_gelu: vec![0.0; 4 * c],
+            res3: vec![0.0; c],
+        }
+    }
+
+    fn views(&mut self) -> BlockRows<'_> {
+        BlockRows {
+            ln1: &mut self.ln1,
+            ln1_mean: &mut self.ln1_mean,
+            ln1_rstd: &mut self.ln1_rstd,
+            atty: &mut self.atty,
+            res2: &mut self.res2,
+            ln2: &mut self.ln2,
+            ln2_mean: &mut self.ln2_mean,
+            ln2_rstd: &mut self.ln2_rstd,
+            fch: &mut self.fch,
+            fch_gelu: &mut self.fch_gelu,
+            res3: &mut self.res3,
+        }
+    }
 }
 
 impl KvCache {
@@ -64,11 +108,8 @@ impl KvCache {
             qkv: (0..config.layers).map(|_| vec![0.0; t * 3 * c]).collect(),
             len: 0,
             x: vec![0.0; c],
-            ln: vec![0.0; c],
-            atty: vec![0.0; c],
-            out: vec![0.0; c],
-            fch: vec![0.0; 4 * c],
-            fch_gelu: vec![0.0; 4 * c],
+            row: RowBufs::new(c),
+            lnf: vec![0.0; c],
             scores: vec![0.0; t],
             probs: vec![0.0; config.vocab],
         }
@@ -112,67 +153,46 @@ impl KvCache {
         let cfg = self.config;
         assert_eq!(layout.config, cfg, "a layout of another config");
         assert_eq!(params.len(), layout.num_params(), "parameter buffer has the wrong length");
-        let (i, c, v) = (self.len, cfg.embed, cfg.vocab);
+        let (i, c, nh) = (self.len, cfg.embed, cfg.heads);
         assert!(i < cfg.context, "the cache holds the whole context: the window must slide");
-        assert!((token as usize) < v, "token {token} outside the vocabulary of {v}");
+        assert!((token as usize) < cfg.vocab, "token {token} outside the vocabulary of {}", cfg.vocab);
+        // The embedding of this row (as `encoder_forward` computes it at position i).
         let (wte, wpe) = (&params[layout.wte.clone()], &params[layout.wpe.clone()]);
         let (te, pe) = (&wte[token as usize * c..][..c], &wpe[i * c..][..c]);
         for ((x, &a), &b) in self.x.iter_mut().zip(te).zip(pe) {
             *x = a + b;
         }
-        for l in 0..cfg.layers {
-            self.block_row(layout, params, packed, l);
+        for (l, cache) in self.qkv.iter_mut().enumerate() {
+            let (w, pk) = (layout.blocks[l].of(params), packed.map(|pw| &pw.blocks[l]));
+            let scores = &mut self.scores;
+            let qkv = &mut cache[..(i + 1) * 3 * c];
+            block_rows(&w, pk, self.row.views(), qkv, i, &self.x, 1, c, None, |atty, qkv| {
+                attention_row(atty, qkv, i, c, nh, scores)
+            });
+            std::mem::swap(&mut self.x, &mut self.row.res3);
         }
         self.len = i + 1;
-        // The output head on this row: final LayerNorm, logits = lnf · wteᵀ, softmax.
-        let (lnf_w, lnf_b) = (&params[layout.lnf_w.clone()], &params[layout.lnf_b.clone()]);
         let (mut mean, mut rstd) = ([0.0], [0.0]);
-        layernorm_forward(&mut self.ln, &mut mean, &mut rstd, &self.x, lnf_w, lnf_b, 1, c);
-        let head = packed.map(|pw| &pw.head.fwd);
-        gemm_prepacked(1, v, c, &mut self.probs, v, Mat::rows(&self.ln, c), Mat::transposed(wte, c), head, false);
-        softmax_forward(&mut self.probs, 1, v);
+        head_logits(layout, params, packed, &self.x, &mut self.lnf, &mut mean, &mut rstd, &mut self.probs, 1);
+        softmax_forward(&mut self.probs, 1, cfg.vocab);
         &self.probs
     }
+}
 
-    /// Block `l` on the new row `self.x` at position `self.len` (in place): the steps of
-    /// [`super::gpt`]'s block forward, one row, attention over the cached rows.
-    fn block_row(&mut self, layout: &ParamLayout, params: &[f32], packed: Option<&PackedWeights>, l: usize) {
-        let c = self.config.embed;
-        let w = layout.blocks[l].of(params);
-        let pk = packed.map(|pw| &pw.blocks[l]);
-        let (mut mean, mut rstd) = ([0.0], [0.0]);
-        let qkv_row = &mut self.qkv[l][self.len * 3 * c..][..3 * c];
-        layernorm_forward(&mut self.ln, &mut mean, &mut rstd, &self.x, w.ln1_w, w.ln1_b, 1, c);
-        linear_forward(qkv_row, &self.ln, w.qkv_w, pk.map(|k| &k.qkv.fwd), w.qkv_b, 1, c, 3 * c);
-        self.attention_row(l);
-        linear_forward(&mut self.out, &self.atty, w.proj_w, pk.map(|k| &k.proj.fwd), w.proj_b, 1, c, c);
-        add_inplace(&mut self.out, &self.x);
-        std::mem::swap(&mut self.x, &mut self.out);
-        layernorm_forward(&mut self.ln, &mut mean, &mut rstd, &self.x, w.ln2_w, w.ln2_b, 1, c);
-        linear_forward(&mut self.fch, &self.ln, w.fc_w, pk.map(|k| &k.fc.fwd), w.fc_b, 1, c, 4 * c);
-        gelu_forward_saving_grad(&mut self.fch_gelu, &mut self.fch);
-        linear_forward(&mut self.out, &self.fch_gelu, w.fcproj_w, pk.map(|k| &k.fcproj.fwd), w.fcproj_b, 1, 4 * c, c);
-        add_inplace(&mut self.out, &self.x);
-        std::mem::swap(&mut self.x, &mut self.out);
-    }
-
-    /// `self.atty` = causal self-attention of row `self.len` of block `l`'s cached q|k|v over
-    /// rows `0..=self.len`, head by head.
-    fn attention_row(&mut self, l: usize) {
-        let (c, nh) = (self.config.embed, self.config.heads);
-        let (hd, c3, t) = (c / nh, 3 * c, self.len + 1);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let qkv = &self.qkv[l][..t * c3];
-        let scores = &mut self.scores[..t];
-        for h in 0..nh {
-            let q = Mat::rows(&qkv[self.len * c3 + h * hd..][..hd], hd);
-            // Kᵀ [hd, t] and V [t, hd], views of the cached rows.
-            let kt = Mat::strided(&qkv[c + h * hd..], 1, c3);
-            let vm = Mat::strided(&qkv[2 * c + h * hd..], c3, 1);
-            gemm(1, t, hd, scores, t, q, kt, false);
-            softmax_scaled(scores, scale);
-            gemm(1, hd, t, &mut self.atty[h * hd..], c, Mat::rows(scores, t), vm, false);
-        }
+/// `atty` [C] = causal self-attention of row `i` of `qkv` [i+1, 3C] over its rows `0..=i`,
+/// head by head (`scores`: at least i + 1 values of scratch).
+fn attention_row(atty: &mut [f32], qkv: &[f32], i: usize, c: usize, nh: usize, scores: &mut [f32]) {
+    let (hd, c3, t) = (c / nh, 3 * c, i + 1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let scores = &mut scores[..t];
+    for h in 0..nh {
+        let q = Mat::rows(&qkv[i * c3 + h * hd..][..hd], hd);
+        // Kᵀ [hd, t] and V [t, hd], views of the cached rows.
+        let kt = Mat::strided(&qkv[c + h * hd..], 1, c3);
+        let vm = Mat::strided(&qkv[2 * c + h * hd..], c3, 1);
+        gemm(1, t, hd, scores, t, q, kt, false);
+        softmax_scaled(scores, scale);
+        gemm(1, hd, t, &mut atty[h * hd..], c, Mat::rows(scores, t), vm, false);
     }
 }
 
