@@ -6,7 +6,7 @@
 //! with this cache each block keeps the q|k|v rows ([T, 3C], the layout of a block's
 //! [`qkv`](super::activations::BlockActs::qkv) activations) of the positions seen so far, and
 //! the newest position runs through the blocks as a single row, by the same code as a training
-//! pass ([`block_rows`], [`head_logits`]): its q|k|v row is appended, and its attention reads
+//! pass (`gpt::block_rows`, `gpt::head_logits`): its q|k|v row is appended, and its attention reads
 //! the cached keys and values.
 //!
 //! **The same bits as recomputing the window**, up to a window of 256 positions (tested).
