@@ -22,9 +22,10 @@
 //! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`) and small
 //!   enough that its rows stay in L2, so such a product with a prepacked B copies nothing at
 //!   all; otherwise (larger, or no unit stride) A is packed into 6-row panels first.
-//! - Loops: K blocks of at most [`KC`] (the B micro-panel stays near L1), then M blocks of at
-//!   most [`MC`] rows (the A block stays in L2), then column panels; one kernel call runs all
-//!   the row tiles of a column panel (four panels on the AVX-512 path).
+//! - Loops: column chunks of [`NC`] panels where A is small (a chunk's B block and C columns
+//!   stay in L2), then K blocks of at most [`KC`] (the B micro-panel stays near L1), then M
+//!   blocks of at most [`MC`] rows (the A block stays in L2), then the chunk's column panels;
+//!   one kernel call runs all the row tiles of a column panel (four panels on the AVX-512 path).
 //!
 //! Determinism, the same bits on every path: every element of C is the sum over K blocks, in
 //! order, of a per-block dot product that starts from zero and takes the block's k products in
@@ -80,6 +81,14 @@ pub const KC: usize = 256;
 const AVX512_PANELS: usize = 4;
 /// Largest M block: an MC x KC block of A (144 KiB) stays in L2.
 pub const MC: usize = 144;
+/// Panels of B in a column chunk (256 columns): a chunk's K block of B (256 KiB at `KC`) stays
+/// in L2 while every M block passes over it, and the chunk's columns of C (256 KiB for 256
+/// rows) stay there from one K block to the next.
+const NC: usize = 16;
+/// The largest A (`m * k` values, 4 MiB) that is cut into column chunks: A is read once per
+/// chunk, which costs more than it saves when A does not stay in L2/L3 (GPT-2's head backward,
+/// 50257 x 256 and 256 x 50257).
+const A_CHUNKED_MAX: usize = 1 << 20;
 
 /// Panics unless every element of a `rows x cols` view with strides `rs`, `cs` lies inside a
 /// buffer of `len` values (`what` names the operand in the message). Empty views always fit.
@@ -253,8 +262,10 @@ enum AIn<'a> {
     Packed(&'a [f32]),
 }
 
-/// The blocked loop nest: K blocks, then M blocks, then B micro-panels, each micro-panel
-/// against every row tile of the M block ([`panel`]). `b` holds `n.div_ceil(NR)` packed panels.
+/// The blocked loop nest: column chunks ([`column_chunk`]), then K blocks, then M blocks, then
+/// the chunk's B micro-panels, each micro-panel against every row tile of the M block
+/// ([`panel`]). `b` holds `n.div_ceil(NR)` packed panels. Every element of C still takes its K
+/// blocks in order, so the chunking changes no bits.
 ///
 /// The caller has bounds-checked C (`m x n`, row stride `c_rs`) and A (`m x k`); `k > 0`,
 /// `m > 0`, `n > 0`.
@@ -262,34 +273,48 @@ enum AIn<'a> {
 fn blocked(m: usize, n: usize, k: usize, c: &mut [f32], c_rs: usize, a: AIn, b: BSrc, init: Init, path: Path) {
     let (nkb, kc_full, mc_full) = blocking(m, k);
     let npanels = n.div_ceil(NR);
-    for kb in 0..nkb {
-        let p0 = kb * kc_full;
-        let kc = kc_full.min(k - p0);
-        let init_kb = init.for_block(kb);
-        for i_blk in (0..m).step_by(mc_full) {
-            let mc = mc_full.min(m - i_blk);
-            let a_src = match a {
-                AIn::InPlace(a) => {
-                    ASrc { data: &a.data[i_blk * a.rs + p0 * a.cs..], rs: a.rs, cs: a.cs, tile_stride: None }
+    // The AVX-512 kernel takes four adjacent panels per call, the others one.
+    let group = if path == Path::Avx512 { AVX512_PANELS } else { 1 };
+    let chunk = column_chunk(m, k, npanels);
+    for jc in (0..npanels).step_by(chunk) {
+        let jc_end = npanels.min(jc + chunk);
+        for kb in 0..nkb {
+            let p0 = kb * kc_full;
+            let kc = kc_full.min(k - p0);
+            let init_kb = init.for_block(kb);
+            for i_blk in (0..m).step_by(mc_full) {
+                let mc = mc_full.min(m - i_blk);
+                let a_src = match a {
+                    AIn::InPlace(a) => {
+                        ASrc { data: &a.data[i_blk * a.rs + p0 * a.cs..], rs: a.rs, cs: a.cs, tile_stride: None }
+                    }
+                    // This M block's tiles are panels i_blk/MR.. of the packing, k*MR apart.
+                    AIn::Packed(ap) => {
+                        ASrc { data: &ap[(i_blk / MR) * k * MR + p0 * MR..], rs: 1, cs: MR, tile_stride: Some(k * MR) }
+                    }
+                };
+                for jp in (jc..jc_end).step_by(group) {
+                    let np = group.min(npanels - jp);
+                    let j0 = jp * NR;
+                    let cols = (np * NR).min(n - j0);
+                    let b_off = jp * b.ps + p0 * b.ks;
+                    let b_tile = &b.data[b_off..b_off + (np - 1) * b.ps + (kc - 1) * b.ks + NR];
+                    let bt = BTile { data: b_tile, ks: b.ks, ps: b.ps, panels: np };
+                    let c_blk = &mut c[i_blk * c_rs + j0..];
+                    panel(mc, cols, kc, a_src, bt, c_blk, c_rs, init_kb.cols(j0, cols), path);
                 }
-                // This M block's tiles are panels i_blk/MR.. of the packing, k*MR apart.
-                AIn::Packed(ap) => {
-                    ASrc { data: &ap[(i_blk / MR) * k * MR + p0 * MR..], rs: 1, cs: MR, tile_stride: Some(k * MR) }
-                }
-            };
-            // The AVX-512 kernel takes four adjacent panels per call, the others one.
-            let group = if path == Path::Avx512 { AVX512_PANELS } else { 1 };
-            for jp in (0..npanels).step_by(group) {
-                let np = group.min(npanels - jp);
-                let j0 = jp * NR;
-                let cols = (np * NR).min(n - j0);
-                let b_off = jp * b.ps + p0 * b.ks;
-                let b_tile = &b.data[b_off..b_off + (np - 1) * b.ps + (kc - 1) * b.ks + NR];
-                let bt = BTile { data: b_tile, ks: b.ks, ps: b.ps, panels: np };
-                let c_blk = &mut c[i_blk * c_rs + j0..];
-                panel(mc, cols, kc, a_src, bt, c_blk, c_rs, init_kb.cols(j0, cols), path);
             }
         }
+    }
+}
+
+/// The panels of B a column chunk of [`blocked`] spans: [`NC`] when A is small enough
+/// ([`A_CHUNKED_MAX`]) to be read again for every chunk, else all of them (one chunk).
+fn column_chunk(m: usize, k: usize, npanels: usize) -> usize {
+    if m.saturating_mul(k) <= A_CHUNKED_MAX {
+        NC.min(npanels)
+    } else {
+        npanels
     }
 }
 

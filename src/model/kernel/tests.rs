@@ -238,6 +238,51 @@ fn model_shapes() {
     }
 }
 
+/// The module doc's summation order, one element at a time: per K block of [`blocking`], a sum
+/// from zero of the block's products in order with one fused multiply-add each, then one
+/// addition to C (or a store, for the first block when not accumulating).
+fn defined_order(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], acc: bool) {
+    let (nkb, kc_full, _) = blocking(m, k);
+    for i in 0..m {
+        for j in 0..n {
+            for kb in 0..nkb {
+                let mut s = 0.0f32;
+                for p in kb * kc_full..k.min((kb + 1) * kc_full) {
+                    s = a.data[i * a.rs + p * a.cs].mul_add(b.data[p * b.rs + j * b.cs], s);
+                }
+                c[i * n + j] = if kb == 0 && !acc { s } else { c[i * n + j] + s };
+            }
+        }
+    }
+}
+
+/// Column chunks (B wider than [`NC`] panels, A small) and the unchunked loop (A too large to
+/// read once per chunk) both give the bits of the defined order: the loop nest's order over
+/// chunks, K blocks and M blocks changes which element is computed when, never how.
+#[test]
+fn column_chunks_keep_the_defined_summation_order() {
+    let mut rng = Rng(2718);
+    // (m, n, k): chunked with several M and K blocks and a ragged last chunk; chunked with one
+    // K block; A over A_CHUNKED_MAX, one chunk.
+    for (m, n, k, at) in [(150usize, 300usize, 600, false), (300, 530, 256, true), (1100, 270, 1000, false)] {
+        assert_eq!(column_chunk(m, k, n.div_ceil(NR)) < n.div_ceil(NR), m * k <= A_CHUNKED_MAX);
+        let (ad, ars, acs) = make(&mut rng, m, k, at, 0);
+        let b = rng.vec(k * n);
+        let (a, bv) = (Mat::strided(&ad, ars, acs), Mat::rows(&b, n));
+        let pb = PackedB::pack(k, n, bv);
+        let c0 = rng.vec(m * n);
+        for acc in [false, true] {
+            let mut want = c0.clone();
+            defined_order(m, n, k, a, bv, &mut want, acc);
+            for path in paths() {
+                let mut got = c0.clone();
+                gemm_packed_with(m, &mut got, n, a, &pb, Init::new(acc), path);
+                assert!(bits_eq(&got, &want), "m={m} n={n} k={k} acc={acc}: {path} differs from the defined order");
+            }
+        }
+    }
+}
+
 /// Same inputs, same bits: repeated calls, and the prepacked and pack-per-call entry points
 /// (same blocking, same summation order) agree exactly.
 #[test]
