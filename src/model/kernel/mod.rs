@@ -584,9 +584,12 @@ fn run_a(
 ) {
     // A is read in place when it fits one M block (row-major) or two (column-major: the
     // transposed activations of dW = X^T·dY); beyond that its strided rows thrash L2, so it
-    // is packed into 6-row panels. A view without a unit stride is always packed.
+    // is packed into 6-row panels. A row-major A too large to stay in cache (GPT-2's
+    // `dlogits`, 256 x 50257) is read in place all the same: packing it would copy it through
+    // memory once more than the product reads it. A view without a unit stride is always
+    // packed.
     let pack_a = if a.cs == 1 {
-        m > MC
+        m > MC && m * k <= A_CHUNKED_MAX
     } else if a.rs == 1 {
         m > 2 * MC
     } else {

@@ -147,7 +147,11 @@ pub(super) fn pack_a_into(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: 
         Path::Avx512 => {
             #[target_feature(enable = "avx512f,avx2,fma")]
             fn avx512(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
-                pack_a_body(dst, m, k, a, mc_full)
+                if a.cs == 1 && a.rs != 1 {
+                    pack_a_rows_avx512(dst, m, k, a, mc_full)
+                } else {
+                    pack_a_body(dst, m, k, a, mc_full)
+                }
             }
             // SAFETY: as in `pack_b_into`.
             return unsafe { avx512(dst, m, k, a, mc_full) };
@@ -206,6 +210,65 @@ fn pack_a_body(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
                 for (i, x) in col[..mr].iter_mut().enumerate() {
                     *x = a.data[(i0 + i) * a.rs + p * a.cs];
                 }
+            }
+        }
+    }
+}
+
+/// Where lane `l` of the `j`-th vector of a transposed 6 x 16 block comes from: row
+/// `(16j + l) % 6`, column `(16j + l) / 6` (the 96 values `col * 6 + row`).
+#[cfg(target_arch = "x86_64")]
+const fn transpose6_source(j: usize, l: usize) -> (usize, usize) {
+    ((16 * j + l) % MR, (16 * j + l) / MR)
+}
+
+/// [`pack_a_body`] for a row-major A on the AVX-512 path: each full 6-row tile is transposed
+/// 16 columns at a time in registers (six row loads, 36 masked permutes, six stores) instead
+/// of one value at a time; partial tiles and the last `k % 16` columns take the scalar loop.
+/// The values placed are the same, so the product's bits are too.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn pack_a_rows_avx512(dst: &mut [f32], m: usize, k: usize, a: Mat, mc_full: usize) {
+    use core::arch::x86_64::*;
+    // Per output vector j: the source column of each lane, and per source row the lanes it fills.
+    let mut idx = [[0i32; 16]; MR];
+    let mut masks = [[0u16; MR]; MR];
+    for (j, (ix, mk)) in idx.iter_mut().zip(masks.iter_mut()).enumerate() {
+        for (l, x) in ix.iter_mut().enumerate() {
+            let (row, col) = transpose6_source(j, l);
+            *x = col as i32;
+            mk[row] |= 1 << l;
+        }
+    }
+    let tiles = (0..m).step_by(mc_full).flat_map(|i_blk| row_tiles(i_blk, mc_full.min(m - i_blk)));
+    let full_cols = k / 16 * 16;
+    for (q, (i0, mr)) in tiles.enumerate() {
+        let panel = &mut dst[q * k * MR..(q + 1) * k * MR];
+        let rows: [&[f32]; MR] = std::array::from_fn(|i| {
+            let r = (i0 + i.min(mr - 1)) * a.rs;
+            &a.data[r..r + k]
+        });
+        let simd_cols = if mr == MR { full_cols } else { 0 };
+        for p0 in (0..simd_cols).step_by(16) {
+            let out = &mut panel[p0 * MR..(p0 + 16) * MR];
+            // SAFETY: AVX-512F is enabled for this function (the caller's path check); every
+            // load reads 16 values of a row slice at p0 + 16 <= k, every store writes 16 of the
+            // 96 values of `out`; the unaligned load/store forms need no alignment.
+            unsafe {
+                let src: [__m512; MR] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].as_ptr().add(p0)));
+                for j in 0..MR {
+                    let ix = _mm512_loadu_si512(idx[j].as_ptr().cast());
+                    let mut v = _mm512_setzero_ps();
+                    for i in 0..MR {
+                        v = _mm512_mask_permutexvar_ps(v, masks[j][i], ix, src[i]);
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), v);
+                }
+            }
+        }
+        for p in simd_cols..k {
+            for (i, row) in rows.iter().enumerate().take(mr) {
+                panel[p * MR + i] = row[p];
             }
         }
     }
