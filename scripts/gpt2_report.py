@@ -68,13 +68,16 @@ def main():
         })
     torch_version = next((r["torch"] for r in rows if r["impl"] == "pytorch"), "?")
     simd = next((r.get("simd") for r in rows if r["impl"] == "cllm"), "?")
-    rounds = max((s["rounds"] for s in summary), default=0)
+    counts = sorted({s["rounds"] for s in summary})
+    # Cells of one run normally share a round count; a run stopped early says which cells have fewer.
+    rounds = str(counts[-1]) if len(counts) <= 1 else ", ".join(
+        f"{c} (context {', '.join(sorted({str(x['context']) for x in summary if x['rounds'] == c}))})" for c in counts)
     steps = min((s["timed_steps"] for s in summary), default=0)
     head = [
         "# GPT-2 124M's shape: cllm vs PyTorch eager (CPU, float32)",
         "",
         f"Machine: {cpu}; cllm's SIMD path: {simd}; PyTorch {torch_version} (SDPA attention). Batch 8 of byte",
-        f"tokens, AdamW, clip 10. {rounds} alternating rounds; each run times {steps} steps after one untimed",
+        f"tokens, AdamW, clip 10. Alternating rounds: {rounds}; each run times {steps} steps after one untimed",
         "step and reports their median; a side's cell is the median over the rounds. GEMM peak: the best",
         "torch.mm 2048^3 rate of the run at that thread count. Model FLOPs per token = 6 * 124,439,808 +",
         "12 * 12 * context * 768. Peak RSS: GNU time's maximum resident set, the largest over the rounds.",

@@ -21,7 +21,9 @@
 //!   packing for reuse.
 //! - A is read in place when it is row-major (`cs == 1`) or column-major (`rs == 1`) and small
 //!   enough that its rows stay in L2, so such a product with a prepacked B copies nothing at
-//!   all; otherwise (larger, or no unit stride) A is packed into 6-row panels first.
+//!   all; otherwise (larger, or no unit stride) A is packed into 6-row panels first (on the
+//!   AVX-512 path a row-major A by a register transpose), except a row-major A too large for
+//!   the caches, which packing would only copy through memory once more.
 //! - Loops: column chunks of [`NC`] panels where A is small (a chunk's B block and C columns
 //!   stay in L2), then K blocks of at most [`KC`] (the B micro-panel stays near L1), then M
 //!   blocks of at most [`MC`] rows (the A block stays in L2), then the chunk's column panels;

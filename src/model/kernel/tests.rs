@@ -411,8 +411,8 @@ fn out_of_bounds_packed_b_is_rejected() {
 }
 
 /// Every path packs A into the same panels (the AVX-512 path transposes full tiles of a
-/// row-major A in registers): checked value for value on row-major, column-major and
-/// strided views, with ragged tiles and K tails.
+/// row-major A in registers): checked value for value on row-major (padded or not) and
+/// column-major views, with ragged tiles and K tails.
 #[test]
 fn a_packing_is_the_same_on_every_path() {
     let mut rng = Rng(99);
