@@ -366,10 +366,7 @@ pub fn save_linked(out: &Path, from: &Path, step: u64) -> Result<Option<PathBuf>
         bail!("internal error: {} holds step {}, not {step}", from.display(), state.step);
     }
     let name = step_dir_name(step);
-    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
-    }
+    let tmp = tmp_dir(out, &name)?;
     fs::create_dir(&tmp).map_err(|e| io_err(&tmp, &e))?;
     let mut linked = true;
     for file in [MODEL_FILE, OPTIM_FILE, STATE_FILE, hf::CONFIG_FILE, TOKENIZER_FILE] {
@@ -404,15 +401,23 @@ pub fn best_val_loss(out: &Path) -> Option<(f32, usize)> {
 
 fn save_as(out: &Path, name: &str, mut state: TrainState, files: Files<'_>) -> Result<PathBuf> {
     fs::create_dir_all(out).map_err(|e| io_err(out, &e))?;
-    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
-    }
+    let tmp = tmp_dir(out, name)?;
     let result = write_into(&tmp, &mut state, files).and_then(|()| publish(out, &tmp, name));
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// The temporary directory `OUT/.tmp-NAME-<pid>` a checkpoint called `name` is assembled in
+/// (the name [`remove_stale_temps`] and the module docs expect), with a stale one of
+/// this process removed first. Not created.
+fn tmp_dir(out: &Path, name: &str) -> Result<PathBuf> {
+    let tmp = out.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, &e))?;
+    }
+    Ok(tmp)
 }
 
 fn write_into(tmp: &Path, state: &mut TrainState, files: Files<'_>) -> Result<()> {
